@@ -1,0 +1,225 @@
+"""The init artifact: per-layer top-k SVD of the gradient estimate, plus metadata.
+
+On disk it is a folder:
+
+* ``factors.safetensors``: for every target layer ``<name>.U`` (d_out x k), ``<name>.S`` (k),
+  ``<name>.V`` (d_in x k), float32, columns by descending singular value, G ~ U diag(S) V^T
+  where G is the mean-loss gradient in (d_out, d_in) orientation.
+* ``meta.json``: format, format_version, base_model, fingerprint, target_modules, shapes, k,
+  max_rank, num_examples, num_targets, seed, svd settings, dataset fingerprint, versions, timings.
+
+One artifact serves every rank r <= k/2, every direction, scale, gamma and alpha.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .targets import is_transposed
+
+FORMAT = "loraga-ray-init"
+FORMAT_VERSION = 1
+FACTORS_FILE = "factors.safetensors"
+META_FILE = "meta.json"
+
+
+class ArtifactError(ValueError):
+    """The artifact is unreadable or does not fit the model it is applied to."""
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("loraga-ray", "torch", "transformers", "peft", "ray"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _canonical_sample(w: torch.Tensor, n: int = 16384) -> bytes:
+    """A strided sample of the weight in (d_out, d_in) orientation, rounded to bfloat16 so
+    the same checkpoint loaded in float32 or bfloat16 has the same fingerprint."""
+    flat = w.detach().reshape(-1)
+    step = max(1, flat.numel() // n)
+    sample = flat[::step][:n].to("cpu", torch.bfloat16)
+    return sample.view(torch.int16).numpy().tobytes()
+
+
+def weight_fingerprint(model: nn.Module, names) -> str:
+    """sha256 over the target layers' names, (d_out, d_in) shapes and a sample of their values."""
+    modules = dict(model.named_modules())
+    h = hashlib.sha256()
+    for name in names:
+        m = modules[name]
+        w = m.weight.t() if is_transposed(m) else m.weight
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(_canonical_sample(w))
+    return h.hexdigest()
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or None
+
+
+@dataclass
+class InitArtifact:
+    """Top-k SVD factors of each target layer's gradient and where they came from."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def max_rank(self) -> int:
+        return self.k // 2
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.meta["target_modules"])
+
+    def singular_values(self) -> dict[str, torch.Tensor]:
+        return {n: f[1] for n, f in self.factors.items()}
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the folder atomically: a temporary sibling is filled, then renamed into place,
+        so an interrupted save leaves no half-written artifact. An existing folder is replaced."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            tensors = {}
+            for name, (U, S, V) in self.factors.items():
+                tensors[f"{name}.U"] = U.detach().to("cpu", torch.float32).contiguous()
+                tensors[f"{name}.S"] = S.detach().to("cpu", torch.float32).contiguous()
+                tensors[f"{name}.V"] = V.detach().to("cpu", torch.float32).contiguous()
+            save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+                path.rename(old)
+            tmp.rename(path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "InitArtifact":
+        path = Path(path)
+        meta_path, fac_path = path / META_FILE, path / FACTORS_FILE
+        if not meta_path.is_file() or not fac_path.is_file():
+            raise ArtifactError(
+                f"{path} is not an init artifact: it needs {META_FILE} and {FACTORS_FILE}. "
+                "Create one with `loraga-ray init` or estimate_init(...).save(path)."
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
+        if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path} was written by a newer loraga-ray (format version {meta['format_version']}, "
+                f"this one reads {FORMAT_VERSION}). Upgrade loraga-ray."
+            )
+        tensors = load_file(str(fac_path))
+        k = int(meta["k"])
+        factors = {}
+        for name in meta["target_modules"]:
+            try:
+                U, S, V = tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"]
+            except KeyError as e:
+                raise ArtifactError(f"{fac_path} lacks tensor {e.args[0]!r} listed in meta.json.") from None
+            d_out, d_in = meta["shapes"][name]
+            if U.shape != (d_out, k) or S.shape != (k,) or V.shape != (d_in, k):
+                raise ArtifactError(
+                    f"{fac_path}: layer {name!r} has U{tuple(U.shape)} S{tuple(S.shape)} V{tuple(V.shape)}, "
+                    f"expected U({d_out}, {k}) S({k},) V({d_in}, {k})."
+                )
+            factors[name] = (U, S, V)
+        return cls(factors=factors, meta=meta)
+
+    # ------------------------------------------------------------------ checks
+    def check_model(self, model: nn.Module) -> None:
+        """Raise unless ``model``'s target weights are the ones the gradient was estimated on."""
+        modules = dict(model.named_modules())
+        missing = [n for n in self.target_modules if n not in modules]
+        if missing:
+            raise ArtifactError(
+                f"the artifact's target layers {missing[:3]} (of {len(missing)}) do not exist in "
+                f"{type(model).__name__}; it was estimated on {self.meta.get('base_model')!r}. "
+                "Apply it to that base model, or estimate a new artifact for this one."
+            )
+        fp = weight_fingerprint(model, self.target_modules)
+        if fp != self.meta.get("fingerprint"):
+            raise ArtifactError(
+                f"the model's target weights do not match the artifact (fingerprint {fp[:12]} vs "
+                f"{str(self.meta.get('fingerprint'))[:12]}); it was estimated on {self.meta.get('base_model')!r}. "
+                "Load the unmodified base model it was estimated on (not one already initialised "
+                "or fine-tuned), or estimate a new artifact for this model."
+            )
+
+
+def build_meta(
+    *,
+    model: nn.Module,
+    target_names,
+    shapes: Mapping[str, tuple[int, int]],
+    fingerprint: str,
+    k: int,
+    num_examples: int,
+    num_targets: int,
+    seed: int,
+    svd: str,
+    niter: int,
+    oversample: int | None,
+    base_model: str | None = None,
+    dataset_fingerprint: str | None = None,
+    timings: Mapping[str, float] | None = None,
+    extra: Mapping | None = None,
+) -> dict:
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model or base_model_id(model),
+        "model_class": type(model).__name__,
+        "fingerprint": fingerprint,
+        "target_modules": list(target_names),
+        "shapes": {n: list(shapes[n]) for n in target_names},
+        "k": k,
+        "max_rank": k // 2,
+        "num_examples": num_examples,
+        "num_targets": num_targets,
+        "seed": seed,
+        "svd": {"method": svd, "niter": niter, "oversample": oversample if oversample is not None else k},
+        "dataset_fingerprint": dataset_fingerprint,
+        "versions": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timings": dict(timings or {}),
+    }
+    if extra:
+        meta.update(extra)
+    return meta

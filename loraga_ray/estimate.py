@@ -1,0 +1,125 @@
+"""Single-process LoRA-GA init: gradient estimate, truncated SVD, artifact."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .artifact import InitArtifact, build_meta, weight_fingerprint
+from .factors import SVD_METHODS, truncated_svd
+from .gradients import GradientError, GradientSums, accumulate, check_finite
+from .targets import TargetError, check_not_quantised, find_target_modules, weight_shape
+
+
+def check_rank_fits(model: nn.Module, names: Sequence[str], max_rank: int) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each target; raises if 2*max_rank singular vectors do not fit a layer."""
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}.")
+    modules = dict(model.named_modules())
+    shapes = {n: weight_shape(modules[n]) for n in names}
+    too_small = {n: s for n, s in shapes.items() if 2 * max_rank > min(s)}
+    if too_small:
+        name, shape = next(iter(too_small.items()))
+        limit = min(min(s) for s in shapes.values()) // 2
+        raise TargetError(
+            f"max_rank={max_rank} needs 2*r={2 * max_rank} singular vectors, but layer {name!r} is "
+            f"{shape[0]}x{shape[1]} ({len(too_small)} layer(s) too small). LoRA-GA uses 2r directions per "
+            f"layer, so r <= min(d_out, d_in)/2 = {limit} for these targets: lower max_rank or drop the small layers."
+        )
+    return shapes
+
+
+def factorize(
+    sums: GradientSums,
+    *,
+    k: int,
+    svd: str = "randomized",
+    niter: int = 4,
+    oversample: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Mean gradient -> top-k SVD, one layer at a time. Each layer's gradient is released as soon
+    as its factors exist, so peak memory stays near one layer on top of what is still pending."""
+    if sums.num_examples == 0:
+        raise GradientError("the sample is empty: no example reached the gradient estimate. Pass a non-empty dataset.")
+    if sums.num_targets == 0:
+        raise GradientError(
+            f"the sample of {sums.num_examples} examples holds zero supervised targets (every label is -100). "
+            "Check the labels: causal-LM response tokens must carry their ids, and max_length must leave room for them."
+        )
+    names = list(sums.sums)
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="svd", unit="layer", dynamic_ncols=True)
+    out = {}
+    for name in it:
+        g = sums.sums.pop(name)
+        if device is not None:
+            g = g.to(device)
+        g = g.float().div_(sums.num_targets)
+        check_finite(name, g)
+        U, S, V = truncated_svd(g, k, svd, niter=niter, oversample=oversample, seed=seed)
+        del g
+        out[name] = (U.cpu(), S.cpu(), V.cpu())
+    return out
+
+
+def estimate_init(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    target_modules: str | Sequence[str] | None = None,
+    max_rank: int,
+    svd: str = "randomized",
+    seed: int = 0,
+    niter: int = 4,
+    oversample: int | None = None,
+    base_model: str | None = None,
+    dataset_fingerprint: str | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> InitArtifact:
+    """Estimate the LoRA-GA init of ``model`` on ``batches`` and return its artifact.
+
+    ``batches``: any iterable of dicts that ``model(**batch)`` accepts, each with ``labels`` so the
+    model returns a loss. G of every target layer is the gradient of the mean loss over all
+    supervised targets of all batches (independent of batch size), accumulated in float32; then
+    its top k = 2*max_rank singular triplets are kept. The model is left as it was.
+    """
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd={svd!r} is not one of {SVD_METHODS}.")
+    check_not_quantised(model)
+    names = find_target_modules(model, target_modules)
+    shapes = check_rank_fits(model, names, max_rank)
+    fingerprint = weight_fingerprint(model, names)
+    t0 = time.perf_counter()
+    sums = accumulate(model, batches, names, progress=progress, total=total)
+    t1 = time.perf_counter()
+    k = 2 * max_rank
+    factors = factorize(sums, k=k, svd=svd, niter=niter, oversample=oversample, seed=seed)
+    t2 = time.perf_counter()
+    meta = build_meta(
+        model=model,
+        target_names=names,
+        shapes=shapes,
+        fingerprint=fingerprint,
+        k=k,
+        num_examples=sums.num_examples,
+        num_targets=sums.num_targets,
+        seed=seed,
+        svd=svd,
+        niter=niter,
+        oversample=oversample,
+        base_model=base_model,
+        dataset_fingerprint=dataset_fingerprint,
+        timings={"gradient_s": round(t1 - t0, 4), "svd_s": round(t2 - t1, 4)},
+        extra={"num_batches": sums.num_batches, "workers": 1},
+    )
+    return InitArtifact(factors=factors, meta=meta)
