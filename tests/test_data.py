@@ -5,7 +5,6 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv
-import pyarrow.json  # noqa: F401
 import pyarrow.parquet
 import pytest
 import torch
