@@ -1,0 +1,300 @@
+"""MLflow helpers: where runs go, checking that the store opens, runs with parents, metrics
+from Ray Train reports, and the init artifact's record.
+
+Every ``loraga-ray train`` run is one MLflow run. By default the runs go to a SQLite file in the
+output folder (``sqlite:///<out>/mlflow.db``; MLflow >= 3.13 refuses the plain file store) with
+their artifacts beside it in ``<out>/mlartifacts``; ``--tracking-uri`` points at a server instead.
+Look at a local store with::
+
+    mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db --host 127.0.0.1 --port 5000
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+try:  # Ray is a dependency, but this module must import without it for the pure helpers
+    from ray.train import UserCallback as _UserCallback
+except Exception:  # pragma: no cover
+    _UserCallback = object
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used (bad URI, server down, unknown parent run...)."""
+
+
+def default_tracking_uri(out: str | os.PathLike) -> str:
+    """``sqlite:///<absolute out>/mlflow.db``: the store of a run that names no server."""
+    return "sqlite:///" + str((Path(out).expanduser().resolve() / "mlflow.db")).lstrip("/")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path("/" + uri[len("sqlite:///"):].lstrip("/"))
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go into ``mlartifacts`` beside the database file (MLflow would
+    otherwise put them in ``./mlruns`` of whatever directory the process runs in). Servers and
+    other stores decide for themselves (None)."""
+    db = _sqlite_path(uri)
+    return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+@contextlib.contextmanager
+def _quick_http():
+    """Fail fast while probing a server: MLflow's defaults retry for minutes."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def open_experiment(uri: str, experiment: str = "loraga-ray"):
+    """Open the tracking store at ``uri`` and get (or create) ``experiment``.
+
+    Returns ``(MlflowClient, experiment_id)``. Raises :class:`TrackingError` naming the URI and a
+    fix when the store cannot be opened: this is the early check before any training starts.
+    """
+    from mlflow.tracking import MlflowClient
+
+    if not uri or not isinstance(uri, str):
+        raise TrackingError(f"tracking URI {uri!r} is empty; pass e.g. sqlite:///path/mlflow.db or http://127.0.0.1:5000.")
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    db = _sqlite_path(uri)
+    if db is not None:
+        if not db.parent.is_dir():
+            raise TrackingError(
+                f"cannot open the MLflow store {uri}: the folder {db.parent} does not exist. "
+                "Create it first, or leave --tracking-uri unset to use <out>/mlflow.db."
+            )
+    elif scheme not in ("http", "https", "databricks", "postgresql", "mysql", "mssql", "sqlite") and not scheme.startswith(("postgresql+", "mysql+", "mssql+")):
+        raise TrackingError(
+            f"tracking URI {uri!r} is not one this tool supports: use sqlite:///<path>/mlflow.db "
+            "(a local file; MLflow >= 3.13 refuses the plain file store), http(s)://host:port of an "
+            "MLflow tracking server, or a database URL (postgresql://...)."
+        )
+    try:
+        with _quick_http():
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = client.create_experiment(experiment, artifact_location=default_artifact_location(uri))
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"experiment {experiment!r} in {uri} is deleted; restore it (mlflow experiments "
+                        "restore) or pass another --experiment."
+                    )
+                exp_id = exp.experiment_id
+    except TrackingError:
+        raise
+    except Exception as e:
+        raise TrackingError(
+            f"cannot open the MLflow tracking store {uri!r}: {type(e).__name__}: {str(e)[:300]}. "
+            "Check that the server is running and reachable (mlflow server --host 127.0.0.1 --port 5000), "
+            "or leave --tracking-uri unset to log to <out>/mlflow.db."
+        ) from e
+    return client, exp_id
+
+
+def param_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        v = ",".join(str(x) for x in v)
+    s = str(v)
+    return s if len(s) <= MAX_PARAM_CHARS else s[: MAX_PARAM_CHARS - 3] + "..."
+
+
+def create_run(
+    uri: str,
+    experiment: str,
+    *,
+    params: Mapping[str, Any],
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create a run with ``params`` (and the parent tag when given); returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    client, exp_id = open_experiment(uri, experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        try:
+            client.get_run(parent_run_id)
+        except Exception as e:
+            raise TrackingError(f"parent run {parent_run_id!r} does not exist in {uri}: {str(e)[:200]}") from e
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    items = [Param(k, param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=items[i : i + 100])
+    if all_tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    return run_id
+
+
+def numeric_metrics(metrics: Mapping[str, Any], skip: Iterable[str] = ("step",)) -> dict[str, float]:
+    """The entries of a report that MLflow can store as metrics (finite numbers, bools excluded)."""
+    out = {}
+    for k, v in metrics.items():
+        if k in skip or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    ts = timestamp_ms or int(time.time() * 1000)
+    items = [Metric(k, v, ts, int(step)) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+class MlflowReportCallback(_UserCallback):
+    """Ray Train callback: every report of rank 0 becomes a row of MLflow metrics at its ``step``.
+
+    It runs in the Ray Train controller, which Ray places on the driver's node, so a local SQLite
+    store is reachable from it even when the workers run on other nodes. Metrics are buffered and
+    written every ``flush_every`` reports, on reports with eval metrics, and at the end; a failing
+    store is logged as a warning and never stops training."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._client = None
+        self._pending: list = []
+        self._warned = False
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            for i in range(0, len(self._pending), 1000):
+                self._client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
+            self._pending = []
+        except Exception as e:  # keep training; the metrics stay in the checkpoint history
+            if not self._warned:
+                log.warning("could not log metrics to MLflow at %s: %s", self.tracking_uri, e)
+                self._warned = True
+            self._pending = self._pending[-10000:]
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from mlflow.entities import Metric
+
+        if not metrics:
+            return
+        report = metrics[0]
+        step = int(report.get("step", 0))
+        ts = int(time.time() * 1000)
+        self._pending.extend(Metric(k, v, ts, step) for k, v in numeric_metrics(report).items())
+        if report.get("done") or any(k.startswith("eval_") for k in report) or len(self._pending) >= self.flush_every * 4:
+            self._flush()
+
+    def after_exception(self, run_context, worker_exceptions):
+        self._flush()
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """FINISHED, FAILED, KILLED or RUNNING (on resume)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def log_artifacts(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """A file or a folder into the run's artifacts (under ``artifact_path``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    path = Path(path)
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_init_artifact(uri: str, run_id: str, artifact_dir: str | os.PathLike, plot_dir: str | os.PathLike) -> None:
+    """Record the LoRA-GA init: its settings as ``init_*`` params, its timings as ``init_*_s``
+    metrics, and meta.json plus a PNG of the top singular values per layer as artifacts."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from .artifact import META_FILE, InitArtifact
+    from .plots import plot_singular_values
+
+    artifact_dir = Path(artifact_dir)
+    art = InitArtifact.load(artifact_dir)
+    meta = art.meta
+    client = MlflowClient(tracking_uri=uri)
+    existing = client.get_run(run_id).data.params
+    params = {
+        "init_num_examples": meta.get("num_examples"),
+        "init_num_targets": meta.get("num_targets"),
+        "init_k": meta.get("k"),
+        "init_seed": meta.get("seed"),
+        "init_svd": (meta.get("svd") or {}).get("method"),
+        "init_workers": meta.get("workers"),
+        "init_fingerprint": str(meta.get("fingerprint"))[:16],
+    }
+    new = [Param(k, param_value(v)) for k, v in params.items() if k not in existing]
+    if new:
+        client.log_batch(run_id, params=new)
+    timings = {f"init_{k}" if not k.startswith("init_") else k: v for k, v in (meta.get("timings") or {}).items()}
+    timings = numeric_metrics(timings)
+    if timings:
+        log_metrics(client, run_id, timings, step=0)
+    client.log_artifact(run_id, str(artifact_dir / META_FILE), "init")
+    png = Path(plot_dir) / "singular_values.png"
+    plot_singular_values(art.singular_values(), png, title=f"gradient singular values ({meta.get('base_model')})")
+    client.log_artifact(run_id, str(png), "init")
+
+
+def read_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric, in step order: handy for tests and notebooks."""
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
