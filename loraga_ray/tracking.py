@@ -37,13 +37,14 @@ class TrackingError(RuntimeError):
 
 def default_tracking_uri(out: str | os.PathLike) -> str:
     """``sqlite:///<absolute out>/mlflow.db``: the store of a run that names no server."""
-    return "sqlite:///" + str((Path(out).expanduser().resolve() / "mlflow.db")).lstrip("/")
+    return "sqlite:///" + str(Path(out).expanduser().resolve() / "mlflow.db")  # sqlite:////abs/path: 4 slashes
 
 
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    return Path("/" + uri[len("sqlite:///"):].lstrip("/"))
+    rest = uri[len("sqlite:///"):]  # sqlite:////abs/path is absolute, sqlite:///rel/path relative to the cwd
+    return Path(rest) if rest.startswith("/") else Path(rest).resolve()
 
 
 def default_artifact_location(uri: str) -> str | None:
