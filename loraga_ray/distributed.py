@@ -29,7 +29,7 @@ import os
 import resource
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,23 @@ def check_options(opts: InitOptions) -> None:
         raise ValueError(f"max_retries must be >= 0, got {opts.max_retries}.")
     if opts.num_labels is not None and opts.num_labels < 1:
         raise ValueError(f"num_labels must be positive, got {opts.num_labels}.")
+
+
+def check_out(out: str) -> None:
+    """The artifact's destination must be writable (checked before the expensive work)."""
+    from .storage import is_remote, local_path, resolve
+
+    if is_remote(out):
+        resolve(out)  # unknown scheme, missing credentials: a clear error now rather than at the end
+        return
+    path = local_path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is an existing file; the artifact is a folder. Pick another path.")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write under {parent}. Pick a folder you can write, or an s3:// / gs:// prefix.")
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -511,6 +528,7 @@ def _reserve(plan: _Plan, workers: int):
 def start_workers(opts: InitOptions, plan: _Plan, pg, task: str, num_labels: int) -> tuple[list, list[dict]]:
     """Create the actors and load the model in each; checks they all hold the same weights."""
     import ray
+    from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     actor = ray.remote(GradientWorker)
@@ -522,6 +540,9 @@ def start_workers(opts: InitOptions, plan: _Plan, pg, task: str, num_labels: int
             opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts._fail_after_batches))
     try:
         infos = ray.get([w.setup.remote() for w in workers])
+    except RayActorError as e:
+        _kill(workers)
+        raise WorkerLostError(f"a gradient worker died while loading {opts.model!r}: {str(e).splitlines()[0]}") from e
     except Exception as e:
         _kill(workers)
         _reraise_clean(e)
@@ -685,6 +706,8 @@ def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
 
     check_options(opts)
     spec = resolve_model(opts.model, opts.task)  # clear error for an unknown model, before Ray starts
+    if opts.out:
+        check_out(opts.out)
     task = spec.task
     started_ray = not ray.is_initialized()
     joined_cluster = bool(opts.address or os.environ.get("RAY_ADDRESS"))
@@ -699,7 +722,6 @@ def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
 
 
 def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifact, dict]:
-    import ray
     from ray.util.placement_group import remove_placement_group
 
     from .data import Encoder
@@ -710,12 +732,13 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
     sample, info = read_sample(opts, task)
     total = sample.num_rows
     times["read_s"] = time.perf_counter() - t0
+    log.info("read: %d of %d rows sampled in %.1fs", total, info["dataset_rows"], times["read_s"])
     num_labels = _num_labels(opts, task, info["max_label"])
 
     plan = plan_resources(opts, joined_cluster)
     # the model is named by its path: every worker resolves it on its own node
-    model = opts.model if opts.model.startswith("demo-") or _is_uri(opts.model) else str(Path(opts.model).expanduser().resolve())
-    run_opts = InitOptions(**{**{f: getattr(opts, f) for f in opts.__dataclass_fields__}, "model": model})
+    model = opts.model if opts.model.startswith("demo-") or _is_uri(opts.model) else _path_for_tasks(Path(opts.model).expanduser())
+    run_opts = replace(opts, model=model)
     encoder = Encoder(model, task, opts.max_length)
     retries = 0
     for attempt in range(opts.max_retries + 1):
@@ -723,11 +746,12 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
         pg = _reserve(plan, opts.workers)
         workers = []
         try:
+            # the stream's coordinator actor starts while the workers load the model
+            streams = token_stream(sample, encoder, opts.batch_size, opts.workers)
             workers, infos = start_workers(run_opts, plan, pg, task, num_labels)
             times["start_s"] = time.perf_counter() - t1
             log.info("%d gradient worker(s) on %s", len(workers), ", ".join(sorted({f"{i['host']}:{i['device']}" for i in infos})))
             t2 = time.perf_counter()
-            streams = token_stream(sample, encoder, opts.batch_size, opts.workers)
             results = run_gradient(workers, infos, streams, run_opts, total, attempt)
             times["gradient_s"] = time.perf_counter() - t2
             check_counts(results, total)
@@ -748,6 +772,8 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
             _kill(workers)
             remove_placement_group(pg)
     times["reduce_s"], times["svd_s"] = red["reduce_s"], red["svd_s"]
+    log.info("gradient: %d examples in %.1fs; reduce %.1fs (%.1f MiB moved), svd %.1fs", total, times["gradient_s"],
+             times["reduce_s"], red["reduce_bytes"] / 2**20, times["svd_s"])
 
     info0 = infos[0]
     num_tokens = sum(r["tokens"] for r in results)

@@ -97,21 +97,37 @@ def ref24(assets):
     return reference(assets["model"], assets["data"], 24, 4)
 
 
-@pytest.mark.parametrize("workers,gpus", [(1, None), (2, 1), (3, 0)])
-def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gpus):
-    """1, 2 and 3 workers (logical GPUs for 2: the workers see no CUDA and fall back to CPU)."""
-    ref, sample, tokens = ref24
+@pytest.fixture(scope="module")
+def small_jsonl(assets):
+    """10 rows as JSON lines: fewer than the 24 samples asked for."""
+    path = assets["root"] / "small.jsonl"
+    rows = reviews(10, seed=3)
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(rows["text"], rows["label"])))
+    return str(path)
+
+
+@pytest.mark.parametrize("workers,gpus,small", [(1, None, False), (2, 1, False), (3, 0, True)])
+def test_equals_single_process(ray_session, assets, ref24, small_jsonl, tmp_path, workers, gpus, small):
+    """1, 2 and 3 workers (logical GPUs for 2: the workers see no CUDA and fall back to CPU).
+    The 3-worker run reads JSON lines with fewer rows than asked for: a warning, all rows used once."""
+    ref, sample, tokens = reference(assets["model"], small_jsonl, 24, 4) if small else ref24
     out = tmp_path / "init"
-    art, summary = run_init(options(assets, workers=workers, gpus_per_worker=gpus, out=str(out)))
+    opts = options(assets, workers=workers, gpus_per_worker=gpus, out=str(out), data=small_jsonl if small else assets["data"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art, summary = run_init(opts)
+    assert any("only 10 rows" in str(w.message) for w in caught) == small
     assert_same(art, ref)
+    n = 10 if small else 24
     meta = InitArtifact.load(out).meta  # what was written is what was returned
-    assert meta["num_examples"] == ref.meta["num_examples"] == 24
-    assert meta["num_targets"] == ref.meta["num_targets"] == 24
+    assert meta["num_examples"] == ref.meta["num_examples"] == n
+    assert meta["num_targets"] == ref.meta["num_targets"] == n
     assert meta["num_tokens"] == tokens == summary["num_tokens"]
     assert meta["workers"] == workers and meta["base_model"] == assets["model"]
-    assert meta["dataset"] == assets["data"] and meta["dataset_fingerprint"] == table_fingerprint(sample)
-    assert meta["dataset_rows"] == NUM_ROWS and meta["num_samples_requested"] == 24
-    assert sum(summary["examples_per_worker"]) == 24 and len(summary["examples_per_worker"]) == workers
+    assert meta["dataset"] == opts.data and meta["dataset_fingerprint"] == table_fingerprint(sample)
+    assert meta["dataset_rows"] == (10 if small else NUM_ROWS) and meta["num_samples_requested"] == 24
+    assert summary["sample_too_small"] == small
+    assert sum(summary["examples_per_worker"]) == n and len(summary["examples_per_worker"]) == workers
     for key in ("read_s", "gradient_s", "reduce_s", "svd_s", "bytes_moved", "driver_peak_rss_mb"):
         assert summary[key] >= 0
     assert summary["reduce_bytes"] == workers * sum(d_out * d_in * 4 for d_out, d_in in meta["shapes"].values())
@@ -119,25 +135,11 @@ def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]  # no temporary leftovers
 
 
-def test_fewer_rows_than_samples(ray_session, assets, tmp_path):
-    """A warning, every row used once, the counts recorded; read from jsonl by Ray Data."""
-    small = tmp_path / "small.jsonl"
-    rows = reviews(10, seed=3)
-    small.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(rows["text"], rows["label"])))
-    with pytest.warns(UserWarning, match="only 10 rows"):
-        art, summary = run_init(options(assets, data=str(small), num_samples=64, workers=2, gpus_per_worker=0))
-    ref, _, tokens = reference(assets["model"], str(small), 64, 4)
-    assert_same(art, ref)
-    assert art.meta["num_examples"] == 10 and art.meta["num_targets"] == 10 and art.meta["num_tokens"] == tokens
-    assert art.meta["dataset_rows"] == 10 and art.meta["num_samples_requested"] == 64
-    assert summary["sample_too_small"] and sum(summary["examples_per_worker"]) == 10
-
-
 def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path):
-    """Worker 0 exits after one batch: the stage reruns on fresh workers and counts every example once."""
+    """The worker exits after one batch: the stage reruns on a fresh worker and counts every example once."""
     ref, _, _ = ref24
     out = tmp_path / "init"
-    art, summary = run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), _fail_after_batches=1))
+    art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(out), _fail_after_batches=1))
     assert summary["retries"] == 1
     assert art.meta["num_examples"] == 24 and art.meta["num_targets"] == 24
     assert_same(art, ref)
@@ -145,6 +147,7 @@ def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path):
 
 
 def test_killed_worker_without_retries_fails_clearly(ray_session, assets, tmp_path):
+    """Worker 0 of 2 exits mid-stream while worker 1 still streams: a clear error, nothing written."""
     out = tmp_path / "init"
     with pytest.raises(WorkerLostError, match="died mid-stream.*no artifact was written"):
         run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), max_retries=0, _fail_after_batches=1))
