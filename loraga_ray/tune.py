@@ -212,7 +212,7 @@ def check_cluster(base, sopts: SearchOptions, plan, estimate: bool) -> None:
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
 
 
@@ -624,7 +624,9 @@ def search(base, sopts: SearchOptions, *, out: str | os.PathLike | None = None, 
         # the longest trial (with --epochs the length depends on the batch size)
         total_steps = plan.total_steps if base.epochs is None or "batch_size" not in space.params else 10**9
         grid, statuses = _run_tuner(base, sopts, space, out, artifact, parent_run_id, tracking_uri, callbacks, total_steps)
-        interrupted = any(st not in ("TERMINATED", "ERROR") for st in statuses.values())
+        # interrupted: a trial left unfinished, or trials the search had not created yet
+        expected = space.grid_size() * sopts.num_samples
+        interrupted = len(statuses) < expected or any(st not in ("TERMINATED", "ERROR") for st in statuses.values())
         close_trial_runs(out, tracking_uri)
 
         rows = collect_rows(grid, space, base, statuses)

