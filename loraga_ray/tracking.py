@@ -177,19 +177,20 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int, ti
 
 
 class MlflowReportCallback(_UserCallback):
-    """Ray Train callback: every report of rank 0 becomes a row of MLflow metrics at its ``step``.
+    """Ray Train callback: rank 0's reports become MLflow metrics, one row per training step.
+
+    A report carries ``step_metrics``, the per-step metrics since the previous report (reports
+    are batched so they do not throttle training); each row is logged at its own ``step``. A
+    report without it is logged as one row at its ``step``.
 
     It runs in the Ray Train controller, which Ray places on the driver's node, so a local SQLite
-    store is reachable from it even when the workers run on other nodes. Metrics are buffered and
-    written every ``flush_every`` reports, on reports with eval metrics, and at the end; a failing
-    store is logged as a warning and never stops training."""
+    store is reachable from it even when the workers run on other nodes. A failing store is
+    logged as a warning and never stops training (the metrics also stay in the checkpoints)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20):
+    def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.flush_every = flush_every
         self._client = None
-        self._pending: list = []
         self._warned = False
 
     def __getstate__(self):
@@ -197,37 +198,26 @@ class MlflowReportCallback(_UserCallback):
         state["_client"] = None
         return state
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        try:
-            if self._client is None:
-                from mlflow.tracking import MlflowClient
-
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            for i in range(0, len(self._pending), 1000):
-                self._client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
-            self._pending = []
-        except Exception as e:  # keep training; the metrics stay in the checkpoint history
-            if not self._warned:
-                log.warning("could not log metrics to MLflow at %s: %s", self.tracking_uri, e)
-                self._warned = True
-            self._pending = self._pending[-10000:]
-
     def after_report(self, run_context, metrics, checkpoint):
         from mlflow.entities import Metric
 
         if not metrics:
             return
         report = metrics[0]
-        step = int(report.get("step", 0))
+        rows = report.get("step_metrics") or [report]
         ts = int(time.time() * 1000)
-        self._pending.extend(Metric(k, v, ts, step) for k, v in numeric_metrics(report).items())
-        if report.get("done") or any(k.startswith("eval_") for k in report) or len(self._pending) >= self.flush_every * 4:
-            self._flush()
+        items = [Metric(k, v, ts, int(row.get("step", 0))) for row in rows for k, v in numeric_metrics(row).items()]
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
 
-    def after_exception(self, run_context, worker_exceptions):
-        self._flush()
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            for i in range(0, len(items), 1000):
+                self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        except Exception as e:  # keep training
+            if not self._warned:
+                log.warning("could not log metrics to MLflow at %s: %s", self.tracking_uri, e)
+                self._warned = True
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:

@@ -113,6 +113,7 @@ class TrainOptions:
     run_name: str | None = None
     resume: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps; --resume continues
+    report_every: int | None = None  # None: report at evals/checkpoints and every ~2 s; N: every N steps
     address: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     lora_dropout: float = 0.0
@@ -174,6 +175,8 @@ def validate_options(opts: TrainOptions) -> None:
         bad(f"--max-length must be at least 2, got {opts.max_length}.")
     if opts.init_samples < 1 or opts.init_batch_size < 1:
         bad("--init-samples and --init-batch-size must be positive.")
+    if opts.report_every is not None and opts.report_every < 1:
+        bad(f"--report-every must be positive, got {opts.report_every}.")
     if opts.stop_after is not None and opts.stop_after < 1:
         bad(f"stop_after must be positive, got {opts.stop_after}.")
 
@@ -459,22 +462,11 @@ def example_order(num_rows: int, total_steps: int, batch_size: int, seed: int) -
     return np.concatenate(parts)[:need].astype(np.int64)
 
 
-class EvalEncoder:
-    """Encoder for the eval set; keeps the reference response text for exact match."""
-
-    def __init__(self, encoder):
-        self.encoder = encoder
-
-    def __call__(self, batch):
-        out = self.encoder(batch)
-        if self.encoder.task == "causal-lm":
-            out["response"] = np.asarray([str(r) for r in batch["response"]], dtype=object)
-        return out
-
-
 def build_datasets(opts: TrainOptions, plan: Plan):
-    """Ray Data datasets: ``train`` (the whole run's example stream, split across workers) and
-    ``eval`` (every worker reads it; each evaluates every N-th batch)."""
+    """Ray Data datasets: ``train``, the whole run's example stream, tokenised by Ray Data tasks
+    and split across the workers; ``eval``, the raw evaluation rows, which every worker reads and
+    tokenises itself (they are few, and this spares a round of tasks per run); each worker
+    evaluates every N-th batch of it."""
     import pyarrow as pa
     import ray.data
 
@@ -488,7 +480,6 @@ def build_datasets(opts: TrainOptions, plan: Plan):
     train = train.map_batches(encoder, batch_format="numpy", batch_size=512)
     evaluation = ray.data.from_arrow(plan.eval_table)
     evaluation.context.enable_progress_bars = False
-    evaluation = evaluation.map_batches(EvalEncoder(encoder), batch_format="numpy", batch_size=512)
     return {"train": train, "eval": evaluation}
 
 
@@ -726,6 +717,15 @@ def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world
     return metrics
 
 
+def _say(msg: str) -> None:
+    """One progress line from a worker. sys.stdout.write, not print: Ray Train patches print
+    into its logger, which shows every line twice on the driver."""
+    import sys
+
+    sys.stdout.write(f"[loraga-ray train] {msg}\n")
+    sys.stdout.flush()
+
+
 def run_training_loop(config: dict) -> None:
     """``train_loop_per_worker`` of the TorchTrainer (see :func:`build_trainer` for ``config``)."""
     import ray
@@ -733,7 +733,7 @@ def run_training_loop(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from .data import collate
+    from .data import Encoder, collate
     from .models import load_tokenizer
 
     opts = TrainOptions(**config["options"])
@@ -764,7 +764,7 @@ def run_training_loop(config: dict) -> None:
             state = load_checkpoint(Path(d), model, optimizer)
         start_step, history = int(state["step"]), list(state["history"])
         if rank == 0:
-            log.info("resuming from step %d of %d", start_step, total)
+            _say(f"resuming from step {start_step} of {total}")
 
     eval_batches = None
     pad_id = tokenizer.pad_token_id
@@ -772,7 +772,9 @@ def run_training_loop(config: dict) -> None:
     ckpt_every = opts.checkpoint_every or opts.eval_every
     shard = ray.train.get_dataset_shard("train")
     print_every = max(1, total // 20)
-    t_start = time.perf_counter()
+    t_start = last_report = time.perf_counter()
+    last_reported_step = start_step
+    report_interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
 
     for i, raw in enumerate(shard.iter_batches(batch_size=per_worker, batch_format="numpy", prefetch_batches=1)):
         step = i + 1
@@ -780,6 +782,8 @@ def run_training_loop(config: dict) -> None:
             break
         if step <= start_step:
             continue  # consumed before the checkpoint: same stream, skipped
+        if step == start_step + 1:
+            t_start = time.perf_counter()  # the rate counts training, not start-up
         lr = opts.lr * lr_factor(step - 1, total, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -792,12 +796,16 @@ def run_training_loop(config: dict) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+        # Reports are batched: Ray Train's controller takes one report per poll (every
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a report every step would throttle
+        # training. Rank 0 decides when enough time has passed; the all-reduce tells every worker.
+        time_to_report = float(rank == 0 and opts.report_every is None and time.perf_counter() - last_report >= report_interval)
+        stats = torch.tensor([float(loss.detach()), float(grad_norm), time_to_report], dtype=torch.float64, device=loss.device)
         if world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(stats)
-            stats /= world
+            stats[:2] /= world
         metrics = {"step": step, "train_loss": float(stats[0]), "lr": lr, "grad_norm": float(stats[1]),
                    "epoch": step / config["steps_per_epoch"]}
 
@@ -806,37 +814,43 @@ def run_training_loop(config: dict) -> None:
         if step % opts.eval_every == 0 or done:
             if eval_batches is None:
                 eval_batches = []
+                encoder = Encoder(tokenizer, task, max_length=opts.max_length)
                 eval_it = ray.train.get_dataset_shard("eval").iter_batches(batch_size=max(per_worker, 8), batch_format="numpy")
                 for j, eraw in enumerate(eval_it):
                     if j % world == rank:
-                        eval_batches.append((collate(eraw, pad_id, task), list(eraw.get("response", []))))
+                        eval_batches.append((collate(encoder(eraw), pad_id, task), list(eraw.get("response", []))))
             metrics.update(evaluate(model, eval_batches, task, device, autocast, tokenizer, world))
         if done:
             metrics["done"] = True
         history.append(metrics)
         if rank == 0 and (step % print_every == 0 or done or "eval_loss" in metrics):
-            rate = (step - start_step) / max(time.perf_counter() - t_start, 1e-9)
+            rate = (step - start_step - 1) / max(time.perf_counter() - t_start, 1e-9)
             extra = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
-            print(f"[loraga-ray train] step {step}/{total} loss {metrics['train_loss']:.4f} lr {lr:.2e}{extra} ({rate:.2f} step/s)", flush=True)
+            _say(f"step {step}/{total} loss {metrics['train_loss']:.4f} lr {lr:.2e}{extra} ({rate:.2f} step/s)")
 
-        if step % ckpt_every == 0 or done or stopping:
-            tmp = None
-            if rank == 0:
-                tmp = Path(tempfile.mkdtemp(prefix="loraga-ckpt-"))
-                save_checkpoint(tmp, model, optimizer, {"step": step, "total_steps": total, "history": history,
-                                                        "done": done, "init": opts.init, "seed": opts.seed})
-                if done:
-                    export_final(tmp, model, opts.init, tokenizer)
-            try:
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)) if tmp else None)
-            finally:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
+        checkpoint_now = step % ckpt_every == 0 or done or stopping
+        report_now = (checkpoint_now or "eval_loss" in metrics or stats[2] > 0
+                      or (opts.report_every is not None and step % opts.report_every == 0))
+        if not report_now:
+            continue
+        window = history[len(history) - (step - last_reported_step):]
+        report = dict(metrics, train_loss=float(np.mean([h["train_loss"] for h in window])), step_metrics=window)
+        tmp = None
+        if checkpoint_now and rank == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="loraga-ckpt-"))
+            save_checkpoint(tmp, model, optimizer, {"step": step, "total_steps": total, "history": history,
+                                                    "done": done, "init": opts.init, "seed": opts.seed})
+            if done:
+                export_final(tmp, model, opts.init, tokenizer)
+        try:
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)) if tmp else None)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        last_reported_step, last_report = step, time.perf_counter()
         if stopping:
             if rank == 0:
-                print(f"[loraga-ray train] stopped after step {step} as asked; continue with --resume", flush=True)
+                _say(f"stopped after step {step} as asked; continue with --resume")
             return
 
 
@@ -869,11 +883,15 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
                   plan: Plan | None = None, resources: Resources | None = None):
     """The Ray Train ``TorchTrainer`` of one run. Ray must be initialised.
 
-    Reports (one per step, from every worker; rank 0's is the one Ray keeps): ``step``,
-    ``train_loss``, ``lr``, ``grad_norm``, ``epoch``; at eval steps also ``eval_loss`` and
-    ``eval_accuracy`` (seq-cls) or ``eval_exact_match`` (causal-lm); the last one adds
-    ``done: True`` and carries the checkpoint with ``export/adapter`` (or ``export/model``).
-    ``callbacks`` go to the RunConfig (e.g. Tune's ``TuneReportCallback()``).
+    Reports (every worker reports the same dict; Ray keeps rank 0's): ``step``, ``train_loss``
+    (mean over the steps since the previous report), ``lr``, ``grad_norm``, ``epoch``, and
+    ``step_metrics`` (the list of per-step metric dicts since the previous report); at eval steps
+    also ``eval_loss`` and ``eval_accuracy`` (seq-cls) or ``eval_exact_match`` (causal-lm). There
+    is a report at every eval and checkpoint step, and otherwise every ``opts.report_every`` steps,
+    or (None) whenever ~2 s have passed: Ray Train's controller takes one report per poll, so a
+    report per step would throttle training. The last report adds ``done: True`` and carries the
+    checkpoint with ``export/adapter`` (or ``export/model``). For Tune schedulers use
+    ``time_attr="step"``. ``callbacks`` go to the RunConfig (e.g. Tune's ``TuneReportCallback()``).
 
     init lora-ga needs ``opts.artifact`` (``fit`` estimates one when it is missing). MLflow:
     metrics go to ``mlflow_run_id`` if given; else, when ``opts.tracking_uri`` is set, a new run
@@ -1091,8 +1109,11 @@ def fit(opts: TrainOptions) -> dict:
     resources = plan_resources(opts)
 
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
+    if opts.tracking_uri:  # fails early with a clear message, before anything is written
+        tracking.open_experiment(tracking_uri, opts.experiment)
     out.mkdir(parents=True, exist_ok=True)
-    tracking.open_experiment(tracking_uri, opts.experiment)  # fails early with a clear message
+    if not opts.tracking_uri:
+        tracking.open_experiment(tracking_uri, opts.experiment)
     opts = dataclasses.replace(opts, tracking_uri=tracking_uri)
 
     run_info = json.loads((out / RUN_FILE).read_text()) if saved is not None and (out / RUN_FILE).exists() else {}
@@ -1184,6 +1205,7 @@ def add_arguments(p) -> None:
     g.add_argument("--experiment", default=S, help="MLflow experiment name (default loraga-ray)")
     g.add_argument("--parent-run-id", default=S, help="make this run a child of that MLflow run")
     g.add_argument("--run-name", default=S, help="MLflow run name")
+    g.add_argument("--report-every", type=int, default=S, help="report to Ray (and Tune) every N steps (default: at evals, checkpoints and every ~2 s)")
     g.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its last checkpoint")
     g.add_argument("--stop-after", type=int, default=S, help="stop after this many steps with a checkpoint (continue with --resume)")
 

