@@ -27,7 +27,7 @@ import yaml
 
 from .factors import DIRECTIONS, SCALES
 
-INITS = ("lora-ga", "lora", "pissa", "full")
+INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
 DISTRIBUTIONS = ("choice", "grid", "loguniform", "uniform")
 DISCRETE = ("choice", "grid")
 
@@ -65,6 +65,7 @@ KEYS: dict[str, KeyRule] = {
     "use_rslora": KeyRule("bool", "eta = alpha/sqrt(r) (true) or alpha/r (false)"),
     "weight_decay": KeyRule("float", "AdamW weight decay", low=0),
     "warmup_ratio": KeyRule("float", "fraction of steps of linear warm-up", low=0, high=1, high_open=True),
+    "seed": KeyRule("int", "random seed: data order, head and adapter init", low=0),
 }
 
 

@@ -46,7 +46,7 @@ from .targets import TargetError, find_target_modules, is_transposed, weight_sha
 
 log = logging.getLogger(__name__)
 
-INITS = ("lora-ga", "lora", "pissa", "full")
+INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
 DEVICES = ("auto", "cpu", "cuda")
 PISSA_INIT = "pissa_niter_4"  # PEFT's fast PiSSA (randomized SVD with 4 power iterations)
 HEAD_MODULES = ("classifier", "score")  # sequence-classification heads, trained in full
@@ -526,22 +526,31 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
         )
     names = find_target_modules(model, opts.target_modules)
     modules = dict(model.named_modules())
+    extra = {}
+    if opts.init == "peft-lora-ga":
+        from peft.tuners.lora import LoraGAConfig
+
+        peft_scale = {"gd": "gd_scale"}.get(opts.scale, opts.scale)
+        extra = dict(lora_ga_config=LoraGAConfig(direction=opts.direction, scale=peft_scale, stable_gamma=int(opts.gamma)))
     config = LoraConfig(
         r=opts.rank,
         lora_alpha=opts.alpha,
         target_modules=exact_names_regex(names),
         use_rslora=opts.use_rslora,
         lora_dropout=opts.lora_dropout,
-        init_lora_weights=True if opts.init == "lora" else PISSA_INIT,
+        init_lora_weights={"lora": True, "pissa": PISSA_INIT, "peft-lora-ga": "lora_ga"}[opts.init],
         fan_in_fan_out=all(is_transposed(modules[n]) for n in names),
         modules_to_save=heads or None,
         task_type=infer_task_type(model),
+        **extra,
     )
+    if opts.init == "peft-lora-ga":
+        _peft_loraga_preprocess(opts, spec, task, model, config)
     torch.manual_seed(opts.seed)
     peft_model = get_peft_model(model, config)
-    if opts.init == "pissa":
+    if opts.init in ("pissa", "peft-lora-ga"):
         inner = peft_model.base_model.model
-        state = InitState(opts.rank, float(opts.alpha), 0.0, opts.use_rslora, "pissa", "pissa", 0.0, None)
+        state = InitState(opts.rank, float(opts.alpha), 0.0, opts.use_rslora, opts.init, opts.init, 0.0, None)
         for name in names:
             layer = inner.get_submodule(name)
             state.eta = float(layer.scaling["default"])
@@ -549,6 +558,31 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
             state.B0[name] = layer.lora_B["default"].weight.detach().float().cpu().clone()
         set_init_state(peft_model, state)
     return peft_model
+
+
+def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:
+    """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
+    pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
+    import numpy as np
+    from peft.tuners.lora import preprocess_loraga
+
+    from .data import Encoder, collate, load_split, sample_table
+    from .models import load_tokenizer
+
+    table = sample_table(load_split(opts.data, "train", **_load_kwargs(opts)), opts.init_samples, opts.seed)
+    tok = load_tokenizer(spec)
+    enc = Encoder(tok, task, max_length=opts.max_length)
+    batches = []
+    for i in range(0, table.num_rows, opts.init_batch_size):
+        rows = table.slice(i, opts.init_batch_size).to_pydict()
+        batches.append(collate(enc({k: np.array(v, dtype=object) for k, v in rows.items()}), tok.pad_token_id, task))
+    device = next(model.parameters()).device
+
+    def train_step():
+        for b in batches:
+            model(**{k: v.to(device) for k, v in b.items()}).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
 
 
 def _plain(model):
@@ -947,7 +981,9 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=build_datasets(opts, plan),
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False),
+        # One worker reads the stream directly (no split coordinator actor to start).
+        dataset_config=DataConfig(datasets_to_split=["train"] if opts.workers > 1 else [], execution_options=ingest,
+                                  enable_shard_locality=False),
     )
     trainer.mlflow_run_id = mlflow_run_id
     return trainer
