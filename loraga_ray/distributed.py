@@ -45,6 +45,7 @@ SAMPLE_INDEX = "_sample_index"  # column carrying each sampled row's position in
 TOKENISE_ROWS = 1024  # rows per tokenisation task
 WORKER_CPUS = 0.25  # logical CPUs a gradient worker reserves: Ray Data's tasks need the rest
 POLL_S = 0.5  # how often the driver refreshes the progress bar
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class InitOptions:
     progress: bool = True
     # beyond the first contract; all optional
     cpus_per_worker: float = WORKER_CPUS
+    dtype: str = "float32"  # the workers' model dtype; the sums are float32 whatever it is
     num_labels: int | None = None  # seq-cls head size; None: max label in the data + 1 (at least 2)
     max_retries: int = 1  # whole-stage reruns after a gradient worker dies
     resource_timeout: float | None = None  # None: 60 s on a local Ray, 600 s when joining a cluster
@@ -107,6 +109,8 @@ def check_options(opts: InitOptions) -> None:
         raise ValueError(f"gpus_per_worker must be >= 0, got {opts.gpus_per_worker}.")
     if not opts.cpus_per_worker > 0:
         raise ValueError(f"cpus_per_worker must be > 0, got {opts.cpus_per_worker}.")
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"dtype={opts.dtype!r} is not one of {DTYPES}.")
     if opts.max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {opts.max_retries}.")
     if opts.num_labels is not None and opts.num_labels < 1:
@@ -190,12 +194,11 @@ def _is_uri(text: str) -> bool:
 def _path_for_tasks(path: Path) -> str:
     """An absolute path, unless the driver runs inside a Ray job's working_dir and the path lies
     in it: then relative, so every node finds it in its own copy of the working_dir."""
-    try:
-        import ray
+    import ray
 
+    in_working_dir = False
+    if ray.is_initialized():  # (get_runtime_context() would start a Ray instance otherwise)
         in_working_dir = bool(ray.get_runtime_context().runtime_env.get("working_dir"))
-    except Exception:
-        in_working_dir = False
     resolved = path.resolve()
     if in_working_dir and not path.is_absolute():
         try:
@@ -207,7 +210,8 @@ def _path_for_tasks(path: Path) -> str:
 
 def _local_units(data: str, split: str) -> list[tuple[str, str]]:
     """The pieces of a local dataset's split, as ``(source, split)`` pairs in the order
-    ``data.load_split`` concatenates them; each piece is read by one task with ``load_split``."""
+    ``data.load_split`` concatenates them; each piece is read by one task. ``split`` is ``""``
+    for a piece read whole (a file, or a subfolder named after the split)."""
     from . import data as D
 
     if data in D.DEMO_DATASETS:
@@ -229,20 +233,27 @@ def _local_units(data: str, split: str) -> list[tuple[str, str]]:
                 matched.append(entry)
     if not matched:
         files = [p for p in entries if p.is_file()]
-        if files and not named & set(D.SPLITS) and canonical == "train":
-            matched = files  # no file is named after a split: together they are the train split
-        else:
+        if not (files and not named & set(D.SPLITS) and canonical == "train"):
             D.load_split(data, split)  # raises load_split's message for this layout
-            matched = [path]  # (not reached for the layouts above)
-    return [(_path_for_tasks(p), "train") for p in matched]
+        matched = files  # no file is named after a split: together they are the train split
+    return [(_path_for_tasks(p), "") for p in matched]
+
+
+def _given(columns: dict) -> dict:
+    return {"text": columns.get("text_column"), "label": columns.get("label_column"),
+            "prompt": columns.get("prompt_column"), "response": columns.get("response_column")}
 
 
 def _read_pieces(batch: pa.Table, task: str, columns: dict) -> pa.Table:
-    """Ray Data map function: read the pieces named in ``batch`` with ``load_split``."""
-    from .data import load_split
+    """Ray Data map function: read the pieces named in ``batch`` exactly as ``load_split`` would."""
+    from . import data as D
 
-    tables = [load_split(source, split, task=task, **columns)
-              for source, split in zip(batch.column("source").to_pylist(), batch.column("split").to_pylist())]
+    tables = []
+    for source, split in zip(batch.column("source").to_pylist(), batch.column("split").to_pylist()):
+        if split:
+            tables.append(D.load_split(source, split, task=task, **columns))
+        else:  # a data file, or a split's subfolder: all of it, with load_split's column handling
+            tables.append(D._select_columns(D._read_unsplit(Path(source)), source, task, _given(columns)))
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
@@ -250,9 +261,7 @@ def _select_block(batch: pa.Table, source: str, task: str, columns: dict) -> pa.
     """Ray Data map function for natively read blocks: canonical columns, as load_split does."""
     from .data import _select_columns
 
-    given = {"text": columns.get("text_column"), "label": columns.get("label_column"),
-             "prompt": columns.get("prompt_column"), "response": columns.get("response_column")}
-    return _select_columns(batch, source, task, given)
+    return _select_columns(batch, source, task, _given(columns))
 
 
 def read_dataset(opts: InitOptions, task: str):
@@ -384,8 +393,8 @@ class GradientWorker:
     """
 
     def __init__(self, model: str, task: str, num_labels: int, seed: int, target_modules, max_rank: int,
-                 rank: int, fail_after_batches: int | None = None):
-        self.model_name, self.task, self.num_labels, self.seed = model, task, num_labels, seed
+                 rank: int, dtype: str = "float32", fail_after_batches: int | None = None):
+        self.model_name, self.task, self.num_labels, self.seed, self.dtype = model, task, num_labels, seed, dtype
         self.target_modules, self.max_rank, self.rank = target_modules, max_rank, rank
         self.fail_after_batches = fail_after_batches
         self.examples = self.tokens = 0
@@ -403,7 +412,8 @@ class GradientWorker:
         from .targets import find_target_modules
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(self.model_name, task=self.task, num_labels=self.num_labels, seed=self.seed).to(self.device)
+        self.model = load_model(self.model_name, task=self.task, num_labels=self.num_labels, seed=self.seed,
+                                dtype=getattr(torch, self.dtype)).to(self.device)
         self.pad_id = load_tokenizer(self.model_name, task=self.task).pad_token_id
         self.names = find_target_modules(self.model, self.target_modules)
         shapes = check_rank_fits(self.model, self.names, self.max_rank)
@@ -537,7 +547,8 @@ def start_workers(opts: InitOptions, plan: _Plan, pg, task: str, num_labels: int
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
         workers.append(actor.options(num_cpus=plan.cpus, num_gpus=plan.gpus, max_concurrency=2,
                                      scheduling_strategy=strategy).remote(
-            opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts._fail_after_batches))
+            opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts.dtype,
+            opts._fail_after_batches))
     try:
         infos = ray.get([w.setup.remote() for w in workers])
     except RayActorError as e:
@@ -604,13 +615,13 @@ def run_gradient(workers, infos, streams, opts: InitOptions, total: int, attempt
                 except Exception as e:
                     _reraise_clean(e)
             if bar is not None:
-                examples = tokens = 0
-                for i, w in enumerate(workers):
-                    if results[i] is not None:
-                        examples, tokens = examples + results[i]["examples"], tokens + results[i]["tokens"]
-                        continue
+                done_results = [r for r in results if r is not None]
+                examples = sum(r["examples"] for r in done_results)
+                tokens = sum(r["tokens"] for r in done_results)
+                asks = [w.progress.remote() for i, w in enumerate(workers) if results[i] is None]
+                for ask in asks:
                     with contextlib.suppress(Exception):  # a dead worker is reported by its consume call
-                        e_i, t_i = ray.get(w.progress.remote(), timeout=5)
+                        e_i, t_i = ray.get(ask, timeout=5)
                         examples, tokens = examples + e_i, tokens + t_i
                 bar.n = examples
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
@@ -713,6 +724,8 @@ def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
     joined_cluster = bool(opts.address or os.environ.get("RAY_ADDRESS"))
     if started_ray:
         connect(opts.address, quiet=opts.progress)
+    elif opts.address:
+        log.warning("Ray is already initialised in this process; using that instance, not --address %s", opts.address)
     try:
         with _data_context():
             return _run(opts, task, joined_cluster)
@@ -804,6 +817,7 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
             "task": task,
             "num_labels": num_labels if task == "seq-cls" else None,
             "max_length": opts.max_length,
+            "model_dtype": opts.dtype,
             "batch_size": opts.batch_size,
         },
     )
@@ -829,6 +843,7 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
         "num_tokens": num_tokens,
         "num_batches": num_batches,
         "examples_per_worker": [r["examples"] for r in results],
+        "compute_s_per_worker": [round(r["seconds"], 3) for r in results],  # forward+backward time only
         "dataset_rows": info["dataset_rows"],
         "sample_too_small": info["sample_too_small"],
         **{k: round(v, 3) for k, v in times.items()},
@@ -864,6 +879,8 @@ def add_arguments(p) -> None:
                         "pass 1 on an autoscaling cluster whose GPU nodes start at zero")
     p.add_argument("--cpus-per-worker", type=float, default=WORKER_CPUS,
                    help=f"logical CPUs each worker reserves (default {WORKER_CPUS}; Ray Data's tasks use the rest)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="model dtype on the workers (bfloat16 halves GPU memory; gradients still sum in float32)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and the seed of a new classifier head)")
     p.add_argument("--svd", choices=SVD_METHODS, default="randomized", help="truncated SVD method (default randomized)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example after truncation (default 128)")

@@ -20,7 +20,7 @@ from loraga_ray import estimate_init
 from loraga_ray.artifact import META_FILE, ArtifactError, InitArtifact
 from loraga_ray.cluster import ClusterError, check_reachable
 from loraga_ray.data import Encoder, iter_batches, load_split, sample_table, table_fingerprint
-from loraga_ray.distributed import InitOptions, WorkerLostError, _local_units, run_init
+from loraga_ray.distributed import InitOptions, WorkerLostError, _local_units, _read_pieces, check_counts, run_init
 from loraga_ray.models import load_model, load_tokenizer, resolve_model
 from loraga_ray import storage
 
@@ -59,15 +59,16 @@ def assets(tmp_path_factory):
     return {"model": str(model), "data": str(root / "reviews.parquet"), "root": root}
 
 
-def reference(model_dir: str, data: str, num_samples: int, batch_size: int, seed: int = 0):
+def reference(model_dir: str, data: str, num_samples: int, batch_size: int, seed: int = 0, **columns):
     """Single-process estimate_init on the sample the pipeline must draw, and that sample."""
     spec = resolve_model(model_dir)
     model = load_model(spec, seed=seed)
     tokenizer = load_tokenizer(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sample = sample_table(load_split(data), num_samples, seed)
-    batches = list(iter_batches(sample, Encoder(tokenizer, "seq-cls", MAX_LENGTH), batch_size, tokenizer.pad_token_id, "seq-cls"))
+        sample = sample_table(load_split(data, **columns), num_samples, seed)
+    encoder = Encoder(tokenizer, spec.task, MAX_LENGTH)
+    batches = list(iter_batches(sample, encoder, batch_size, tokenizer.pad_token_id, spec.task))
     art = estimate_init(model, batches, max_rank=MAX_RANK, svd="exact", seed=seed)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return art, sample, tokens
@@ -97,42 +98,74 @@ def ref24(assets):
     return reference(assets["model"], assets["data"], 24, 4)
 
 
-@pytest.fixture(scope="module")
-def small_jsonl(assets):
-    """10 rows as JSON lines: fewer than the 24 samples asked for."""
-    path = assets["root"] / "small.jsonl"
-    rows = reviews(10, seed=3)
-    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(rows["text"], rows["label"])))
-    return str(path)
+def write_tiny_causal(root: Path) -> tuple[str, str]:
+    """A 2-layer Llama with the demo SmolLM2 tokenizer, and arithmetic problems as JSON lines
+    under other column names (q / a)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer("demo-smollm2")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    problems = load_split("demo-arithmetic").slice(0, 40)
+    lines = [json.dumps({"q": q, "a": a}) for q, a in zip(problems["prompt"].to_pylist(), problems["response"].to_pylist())]
+    (root / "arithmetic.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root / "llama"), str(root / "arithmetic.jsonl")
 
 
-@pytest.mark.parametrize("workers,gpus,small", [(1, None, False), (2, 1, False), (3, 0, True)])
-def test_equals_single_process(ray_session, assets, ref24, small_jsonl, tmp_path, workers, gpus, small):
-    """1, 2 and 3 workers (logical GPUs for 2: the workers see no CUDA and fall back to CPU).
-    The 3-worker run reads JSON lines with fewer rows than asked for: a warning, all rows used once."""
-    ref, sample, tokens = reference(assets["model"], small_jsonl, 24, 4) if small else ref24
-    out = tmp_path / "init"
-    opts = options(assets, workers=workers, gpus_per_worker=gpus, out=str(out), data=small_jsonl if small else assets["data"])
+# workers, gpus_per_worker, case:
+#   sample: 24 of 40 parquet rows, seq-cls (BERT); the session's logical GPUs (none is CUDA)
+#   causal: 24 of 40 JSON lines with prompt/response under other names, causal-lm (Llama)
+#   small:  10 JSON lines for 24 samples asked: a warning, every row used once, counts recorded
+CASES = [(1, None, "sample"), (2, 1, "causal"), (3, 0, "small")]
+
+
+@pytest.mark.parametrize("workers,gpus,case", CASES)
+def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gpus, case):
+    """Each run equals single-process estimate_init on the same sample, to float32 rounding,
+    and counts every sampled example exactly once."""
+    kw = dict(workers=workers, gpus_per_worker=gpus, out=str(tmp_path / "init"))
+    rows, n = NUM_ROWS, 24
+    if case == "sample":
+        ref, sample, tokens = ref24
+    elif case == "causal":
+        model, data = write_tiny_causal(assets["root"] / f"causal{workers}")
+        columns = dict(prompt_column="q", response_column="a")
+        ref, sample, tokens = reference(model, data, 24, 4, **columns)
+        kw.update(model=model, data=data, **columns)
+    else:
+        data = tmp_path / "small.jsonl"
+        small = reviews(10, seed=3)
+        data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(small["text"], small["label"])))
+        ref, sample, tokens = reference(assets["model"], str(data), 24, 4)
+        kw.update(data=str(data))
+        rows = n = 10
+    opts = options(assets, **kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         art, summary = run_init(opts)
-    assert any("only 10 rows" in str(w.message) for w in caught) == small
+    assert any("only 10 rows" in str(w.message) for w in caught) == (case == "small")
     assert_same(art, ref)
-    n = 10 if small else 24
-    meta = InitArtifact.load(out).meta  # what was written is what was returned
+    meta = InitArtifact.load(opts.out).meta  # what was written is what was returned
     assert meta["num_examples"] == ref.meta["num_examples"] == n
-    assert meta["num_targets"] == ref.meta["num_targets"] == n
+    assert meta["num_targets"] == ref.meta["num_targets"] > 0
+    if case != "causal":
+        assert meta["num_targets"] == n  # one target per classified example
     assert meta["num_tokens"] == tokens == summary["num_tokens"]
-    assert meta["workers"] == workers and meta["base_model"] == assets["model"]
+    assert meta["workers"] == workers and meta["base_model"] == opts.model
     assert meta["dataset"] == opts.data and meta["dataset_fingerprint"] == table_fingerprint(sample)
-    assert meta["dataset_rows"] == (10 if small else NUM_ROWS) and meta["num_samples_requested"] == 24
-    assert summary["sample_too_small"] == small
+    assert meta["dataset_rows"] == rows and meta["num_samples_requested"] == 24
+    assert summary["sample_too_small"] == (case == "small")
     assert sum(summary["examples_per_worker"]) == n and len(summary["examples_per_worker"]) == workers
     for key in ("read_s", "gradient_s", "reduce_s", "svd_s", "bytes_moved", "driver_peak_rss_mb"):
         assert summary[key] >= 0
     assert summary["reduce_bytes"] == workers * sum(d_out * d_in * 4 for d_out, d_in in meta["shapes"].values())
     assert summary["retries"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]  # no temporary leftovers
+    assert sorted(p.name for p in Path(opts.out).parent.iterdir() if p.name != "small.jsonl") == ["init"]  # no leftovers
 
 
 def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path):
@@ -152,6 +185,15 @@ def test_killed_worker_without_retries_fails_clearly(ray_session, assets, tmp_pa
     with pytest.raises(WorkerLostError, match="died mid-stream.*no artifact was written"):
         run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), max_retries=0, _fail_after_batches=1))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_count_check_refuses_a_wrong_total():
+    ok = [{"examples": 2, "ids": np.array([0, 2])}, {"examples": 2, "ids": np.array([1, 3])}]
+    check_counts(ok, 4)
+    with pytest.raises(RuntimeError, match="1 never seen, 1 seen more than once"):
+        check_counts([{"examples": 2, "ids": np.array([0, 2])}, {"examples": 2, "ids": np.array([2, 3])}], 4)
+    with pytest.raises(RuntimeError, match="counted 3 examples for a sample of 4"):
+        check_counts([{"examples": 3, "ids": np.array([0, 1, 2])}], 4)
 
 
 def test_more_than_the_cluster_has(ray_session, assets):
@@ -209,11 +251,17 @@ def test_local_units_follow_load_split(tmp_path):
     for i, sl in enumerate([slice(0, 4), slice(4, 9)]):
         pq.write_table(pa.table({k: v[sl] for k, v in rows.items()}), folder / f"train-0000{i}-of-00002.parquet")
     pq.write_table(pa.table(reviews(3, seed=6)), folder / "test.parquet")
-    units = _local_units(str(folder), "train")
-    assert [Path(u).name for u, _ in units] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
-    pieces = pa.concat_tables([load_split(u, s) for u, s in units])
-    assert pieces.equals(load_split(str(folder), "train"))
-    assert [Path(u).name for u, _ in _local_units(str(folder), "test")] == ["test.parquet"]
+    (folder / "validation").mkdir()  # a split's subfolder, its files named after the split too
+    pq.write_table(pa.table(reviews(2, seed=7)), folder / "validation" / "validation-00000-of-00001.parquet")
+    for split, names in [("train", ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]),
+                         ("test", ["test.parquet"]), ("validation", ["validation"])]:
+        units = _local_units(str(folder), split)
+        assert [Path(u).name for u, _ in units] == names
+        batch = pa.table({"source": [u for u, _ in units], "split": [s for _, s in units]})
+        assert _read_pieces(batch, "seq-cls", {}).equals(load_split(str(folder), split))
+    assert _local_units(str(folder), "dev") == _local_units(str(folder), "validation")  # an alias
+    with pytest.raises(ValueError, match="no 'holdout' split"):
+        _local_units(str(folder), "holdout")
 
 
 # ------------------------------------------------------------------ storage
