@@ -265,7 +265,7 @@ def check_rank(opts: TrainOptions, model, names: Sequence[str]) -> None:
     if opts.init == "full":
         return
     modules = dict(model.named_modules())
-    factor = 2 if opts.init == "lora-ga" else 1
+    factor = 2 if opts.init in ("lora-ga", "peft-lora-ga") else 1
     shapes = {n: weight_shape(modules[n]) for n in names}
     limit = min(min(s) for s in shapes.values()) // factor
     if opts.rank > limit:

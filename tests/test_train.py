@@ -34,6 +34,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_controller():
+    """Ray Train's controller polls the workers every 2 s by default; each run here is a few
+    steps, so most of its time would be waiting. The variable reaches the controller actor."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        yield
+
+
 # --------------------------------------------------------------------------------------------
 # Assets
 # --------------------------------------------------------------------------------------------
