@@ -656,6 +656,7 @@ def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, op
     """Sum the workers' partials one layer and one worker at a time, then SVD that layer."""
     import ray
     import torch
+    from ray.exceptions import RayActorError
 
     from .estimate import factorize
     from .gradients import GradientSums
@@ -670,8 +671,11 @@ def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, op
     for name in layers:
         t0 = time.perf_counter()
         buf = None
-        for w in workers:
-            part = ray.get(w.layer.remote(name))
+        for i, w in enumerate(workers):
+            try:
+                part = ray.get(w.layer.remote(name))
+            except RayActorError as e:
+                raise WorkerLostError(f"gradient worker {i} died while handing back its sums: {str(e).splitlines()[0]}") from e
             moved += part.nbytes
             if buf is None:
                 buf = np.array(part, dtype=np.float32, copy=True)
@@ -738,6 +742,7 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
     from ray.util.placement_group import remove_placement_group
 
     from .data import Encoder
+    from .models import DEMO_MODELS
 
     times = {}
     t0 = time.perf_counter()
@@ -750,7 +755,7 @@ def _run(opts: InitOptions, task: str, joined_cluster: bool) -> tuple[InitArtifa
 
     plan = plan_resources(opts, joined_cluster)
     # the model is named by its path: every worker resolves it on its own node
-    model = opts.model if opts.model.startswith("demo-") or _is_uri(opts.model) else _path_for_tasks(Path(opts.model).expanduser())
+    model = opts.model if opts.model in DEMO_MODELS or _is_uri(opts.model) else _path_for_tasks(Path(opts.model).expanduser())
     run_opts = replace(opts, model=model)
     encoder = Encoder(model, task, opts.max_length)
     retries = 0
