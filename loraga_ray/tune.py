@@ -110,11 +110,9 @@ def _check_search_options(base, sopts: SearchOptions) -> None:
             raise SearchError(f"--grace-period {sopts.grace_period} is longer than --max-steps {base.max_steps}; ASHA could never stop a trial.")
     if base.eval_every is None or base.eval_every < 1:
         raise SearchError("--eval-every must be a positive number of steps: the search ranks trials by eval_loss.")
-    if base.max_steps is not None and base.eval_every > base.max_steps:
-        raise SearchError(
-            f"--eval-every {base.eval_every} is longer than --max-steps {base.max_steps}: the trials would report no "
-            "eval_loss before the end. Lower --eval-every."
-        )
+    if base.max_steps is not None and base.eval_every >= base.max_steps:
+        log.warning("--eval-every %d >= --max-steps %d: trials evaluate only at the end, so ASHA cannot stop any early.",
+                    base.eval_every, base.max_steps)
 
 
 def _check_space_values(space: SearchSpace, base) -> None:
@@ -195,9 +193,19 @@ def plan_search(base, space: SearchSpace):
 def check_cluster(base, sopts: SearchOptions, plan, estimate: bool) -> None:
     """One trial's Train workers (--workers) and the gradient workers (--init-workers) must fit
     the cluster; each check raises with the numbers. Ray must be initialised."""
+    import ray
+
     from . import train
 
     train.plan_resources(base)
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    need = sopts.max_concurrent * base.workers * base.cpus_per_worker + 1
+    if need > cpus + 1e-9:
+        raise SearchError(
+            f"--max-concurrent {sopts.max_concurrent} trials x --workers {base.workers} x {base.cpus_per_worker:g} CPU each, "
+            f"plus 1 CPU for Ray Data, needs {need:g} CPUs but the Ray cluster has {cpus:g}: the trials would hold every "
+            "CPU and their data would never load. Lower --max-concurrent (or --cpus-per-worker), or add nodes."
+        )
     if estimate:
         from . import distributed
 
@@ -242,19 +250,20 @@ def _train_options_from(values: dict):
 
 
 def _report_to_tune():
-    """Forwards each Train report to Tune. Train's final report says ``done``; Tune would take that
-    as its own stop signal and tear the trial down while Train is still saving, so it is renamed
-    ``train_done``."""
+    """Forwards Train's evaluation reports (and its final one) to Tune: ASHA needs only those, and
+    every result Tune takes holds up the Train controller, so per-step reports stay out of Tune
+    (they still reach MLflow). Train's final report says ``done``, which Tune would take as its
+    own stop signal and tear the trial down while Train is still saving: it becomes ``train_done``."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ReportToTune(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics:
-                first = dict(metrics[0])
-                if "done" in first:
-                    first["train_done"] = bool(first.pop("done"))
-                metrics = [first, *metrics[1:]]
-            super().after_report(run_context, metrics, checkpoint)
+            if not metrics or (METRIC not in metrics[0] and not metrics[0].get("done")):
+                return
+            first = dict(metrics[0])
+            if "done" in first:
+                first["train_done"] = bool(first.pop("done"))
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return ReportToTune()
 
@@ -333,7 +342,15 @@ def _finite(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _eval_history(result) -> list[tuple[int, float]]:
+def _eval_history(result, trial_dir: Path) -> list[tuple[int, float]]:
+    """(step, eval_loss) of a trial: from its own metrics.json when it finished (complete), else
+    from the results Tune received."""
+    metrics_file = trial_dir / "metrics.json"
+    if metrics_file.is_file():
+        history = json.loads(metrics_file.read_text()).get("history", [])
+        points = [(int(h["step"]), float(h[METRIC])) for h in history if _finite(h.get(METRIC)) is not None]
+        if points:
+            return points
     df = result.metrics_dataframe
     if df is None or METRIC not in df or "step" not in df:
         return []
@@ -341,13 +358,13 @@ def _eval_history(result) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in zip(df["step"], df[METRIC])]
 
 
-def collect_rows(grid, space: SearchSpace, base, statuses: dict[str, str]) -> list[dict]:
+def collect_rows(grid, space: SearchSpace, base, statuses: dict[str, str], out: Path) -> list[dict]:
     """One row per trial: status, config, final eval metrics, steps, time."""
     rows = []
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or next((t for t in statuses if t in Path(result.path or "").name), "?")
-        history = _eval_history(result)
+        history = _eval_history(result, out / TRIALS_DIR / trial_id)
         df = result.metrics_dataframe
         last_eval = {}
         if df is not None and METRIC in df:
@@ -505,8 +522,8 @@ def estimate_once(base, sopts: SearchOptions, max_rank: int, out: Path, plan) ->
 
 @contextlib.contextmanager
 def _lenient_metric_checking():
-    """Train reports every step but evaluates every ``eval_every`` steps; Tune would reject a
-    result without the scheduler metric. ASHA itself skips such results."""
+    """Tune rejects a result without the scheduler's metric; a trial's final report could lack
+    eval_loss (e.g. a future Train that skips the last evaluation). ASHA itself skips such results."""
     key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
     saved = os.environ.get(key)
     os.environ[key] = "1"
@@ -552,7 +569,7 @@ def search(base, sopts: SearchOptions, *, out: str | os.PathLike | None = None, 
         space = parse_space(state["space"], source=state.get("space_file") or str(out / SEARCH_FILE))
         saved = state["search"]
         sopts = dataclasses.replace(
-            sopts, **{k: saved[k] for k in ("space", "num_samples", "grace_period", "reduction_factor", "name", "init_workers", "svd") if k in saved},
+            sopts, **{k: saved[k] for k in ("space", "num_samples", "max_concurrent", "grace_period", "reduction_factor", "name", "init_workers", "svd", "trial_cpus") if k in saved},
             resume=True,
         )
     else:
@@ -578,7 +595,10 @@ def search(base, sopts: SearchOptions, *, out: str | os.PathLike | None = None, 
     if base.tracking_uri:
         tracking.open_experiment(tracking_uri, base.experiment)
     local = not (base.address or os.environ.get("RAY_ADDRESS"))
-    connect(base.address, num_cpus=max(os.cpu_count() or 1, base.workers + 2) if local else None)
+    # an embedded Ray gets logical CPUs for every concurrent trial's workers plus its Ray Data
+    # tasks: with only the physical cores, Train workers hold them all and the data never flows
+    per_trial = math.ceil(base.workers * base.cpus_per_worker) + 1
+    connect(base.address, num_cpus=max(os.cpu_count() or 1, sopts.max_concurrent * per_trial + 1) if local else None)
     check_cluster(base, sopts, plan, estimate)
     out.mkdir(parents=True, exist_ok=True)
     tracking.open_experiment(tracking_uri, base.experiment)
@@ -629,7 +649,7 @@ def search(base, sopts: SearchOptions, *, out: str | os.PathLike | None = None, 
         interrupted = len(statuses) < expected or any(st not in ("TERMINATED", "ERROR") for st in statuses.values())
         close_trial_runs(out, tracking_uri)
 
-        rows = collect_rows(grid, space, base, statuses)
+        rows = collect_rows(grid, space, base, statuses, out)
         best = pick_best(rows)
         files = _write_results(rows, best, space, base, sopts, out)
         _log_results(tracking_uri, parent_run_id, rows, best, files)
@@ -706,6 +726,8 @@ def _best_record(best: dict | None, space: SearchSpace, base) -> dict | None:
         if best.get(key) is not None:
             record[key] = best[key]
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if not isinstance(v, bool))
+    if config.get("use_rslora") is False:
+        flags += " --no-rslora"
     record["train_command"] = f"loraga-ray train --model {base.model} --data {base.data} {flags}".strip()
     return record
 
@@ -776,6 +798,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument("--eval-samples", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
@@ -786,8 +809,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--init-workers", type=int, default=None, help="gradient workers (default: --workers)")
     r.add_argument("--svd", choices=("randomized", "exact"), default="randomized")
     r.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
-    r.add_argument("--gpus-per-worker", type=float, default=None)
-    r.add_argument("--device", default="auto")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0)
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
     r.add_argument("--experiment", default="loraga-ray", help="MLflow experiment name")
@@ -824,4 +848,7 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted: continue with `loraga-ray tune --out {result.out} --resume`")
         return 130
+    if result.rows and all(r["status"] == "error" for r in result.rows):
+        print(f"every trial failed; the errors are in {result.out / 'trials.md'} and in the Tune logs under {result.experiment_path}")
+        return 1
     return 0

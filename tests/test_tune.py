@@ -141,6 +141,9 @@ def test_workers_beyond_the_cluster(ray_session, tiny_model, tiny_data, tmp_path
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"--workers 16 .* the Ray cluster has 8"):
         search(base_options(tiny_model, tiny_data, out, workers=16, batch_size=16), SearchOptions(space=str(space)))
+    # each trial fits, but 8 at once would hold all 8 CPUs and starve their data pipelines
+    with pytest.raises(SearchError, match=r"--max-concurrent 8 trials .* needs 9 CPUs but the Ray cluster has 8"):
+        search(base_options(tiny_model, tiny_data, out), SearchOptions(space=str(space), max_concurrent=8))
     assert not out.exists()
 
 
