@@ -260,7 +260,7 @@ def _report_to_tune():
         def after_report(self, run_context, metrics, checkpoint):
             if not metrics or (METRIC not in metrics[0] and not metrics[0].get("done")):
                 return
-            first = dict(metrics[0])
+            first = {k: v for k, v in metrics[0].items() if k != "step_metrics"}  # per-step rows go to MLflow only
             if "done" in first:
                 first["train_done"] = bool(first.pop("done"))
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
@@ -282,6 +282,9 @@ def run_trial(config: dict, setup: dict) -> None:
     from . import tracking, train
 
     started = time.time()
+    # Ray Train settings of the search's driver (RAY_TRAIN_*, e.g. the controller's poll interval):
+    # Train propagates them from the process that calls fit(), which here is this trial
+    os.environ.update(setup.get("env", {}))
     trial_id = tune.get_context().get_trial_id()
     trial_out = Path(setup["out"]) / TRIALS_DIR / trial_id
     values = dict(setup["base"])
@@ -681,6 +684,7 @@ def _run_tuner(base, sopts, space, out, artifact, parent_run_id, tracking_uri, c
         "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id,
         "train_storage": str(out / TRAIN_DIR),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": sopts.trial_cpus})
     experiment_path = out / sopts.name

@@ -20,6 +20,15 @@ from loraga_ray.tracking import TrackingError
 from loraga_ray.train import TrainOptions
 from loraga_ray.tune import SearchError, SearchOptions, count_estimates, plan_search, search
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_controller():
+    """Ray Train's controller polls its workers every 2 s by default; these runs are a few steps.
+    The search hands RAY_TRAIN_* variables on to its trials, and Train to its controller."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        yield
+
+
 # ---------------------------------------------------------------------------------------------
 # fixtures: a tiny BERT classifier with the demo MiniLM tokenizer, a small labelled dataset
 # ---------------------------------------------------------------------------------------------
