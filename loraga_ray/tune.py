@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
 
@@ -117,7 +117,7 @@ def _check_search_options(base, sopts: SearchOptions) -> None:
 
 def _check_space_values(space: SearchSpace, base) -> None:
     """Values that the space leaves to the base options must be valid too (e.g. --init)."""
-    for key, rule in KEYS.items():
+    for key in KEYS:
         if key in space.params or not hasattr(base, key):
             continue
         try:
