@@ -100,7 +100,11 @@ def check_not_quantised(model: nn.Module) -> None:
     """Raise if the model holds quantised weights: the gradient estimate and the base-weight
     update (W - eta*B0A0) both need full-precision weights."""
     qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or qcfg:
+    flagged = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if _dequantised_on_load(qcfg):
+        qcfg, flagged = None, False  # GGUF checkpoints are dequantised to float by transformers when loaded;
+        # the per-layer check below still catches any weight that is not floating point
+    if qcfg or flagged:
         raise QuantisedModelError(
             f"{type(model).__name__} is quantised ({type(qcfg).__name__ if qcfg else 'quantised weights'}). LoRA-GA needs the "
             "full-precision weights: load the base in float32/bfloat16 for the init (and train a quantised copy "
@@ -116,6 +120,11 @@ def check_not_quantised(model: nn.Module) -> None:
                 f"layer {name!r} is quantised ({cls}, weight dtype {getattr(w, 'dtype', None)}). LoRA-GA needs the "
                 "full-precision weights: load the base in float32/bfloat16 for the init, or use plain LoRA."
             )
+
+
+def _dequantised_on_load(qcfg) -> bool:
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -490,3 +490,12 @@ def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
         art.save(tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]  # no temp folders, no half artifact
     assert (tmp_path / "init" / "meta.json").read_text() == good
+
+
+def test_gguf_base_dequantised_on_load_is_accepted():
+    """transformers dequantises GGUF checkpoints to float on load but keeps a GgufConfig: that is a
+    full-precision base, not a quantised one."""
+    model, task = tiny_llama(), "causal-lm"
+    model.config.quantization_config = {"quant_method": "gguf"}
+    art = estimate_init(model, batches(make_examples(4, task), 4, task), max_rank=2)
+    apply_lora_ga(model, art, rank=2, alpha=4)
