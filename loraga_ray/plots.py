@@ -30,7 +30,14 @@ def plot_loss_curve(history: Sequence[Mapping], path: str | os.PathLike, title: 
     score_key = next((k for k in ("eval_accuracy", "eval_exact_match") if any(k in h for h in history)), None)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
-        ax.plot(*zip(*train), color="tab:blue", lw=1.0, alpha=0.8, label="train loss")
+        steps, losses = zip(*train)
+        window = max(1, len(losses) // 15)
+        if window > 1:  # per-step losses are noisy: show them faintly, with a trailing mean on top
+            ax.plot(steps, losses, color="tab:blue", lw=0.8, alpha=0.3)
+            smooth = [sum(losses[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", lw=1.6, label=f"train loss (mean of {window} steps)")
+        else:
+            ax.plot(steps, losses, color="tab:blue", lw=1.2, label="train loss")
     if evals:
         ax.plot(*zip(*evals), color="tab:orange", lw=1.8, marker="o", ms=4, label="eval loss")
     ax.set_xlabel("step")
