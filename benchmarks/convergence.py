@@ -39,18 +39,20 @@ RESULTS = HERE / "results"
 
 LR_GRID = [3e-5, 1e-4, 3e-4, 1e-3]  # the same for every method, fixed before any run
 SEEDS = [0, 1, 2]
+ABLATION_SEEDS = [0, 1]
 
 EXPERIMENTS = {
     # the GLUE/SST-2 analogue
     "minilm": dict(model="demo-minilm", data="demo-rotten-tomatoes", methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga"],
-                   max_steps=150, batch_size=16, max_length=64, eval_every=50, eval_samples=400, test_limit=None,
-                   lr_grid=LR_GRID, ablations=True),
+                   max_steps=120, batch_size=16, max_length=64, eval_every=40, eval_samples=400, test_limit=None,
+                   lr_grid=LR_GRID, seeds=SEEDS, ablations=True),
     # the GSM8K analogue; full fine-tuning of 135M parameters does not fit the CPU budget
     "smollm2": dict(model="demo-smollm2", data="demo-arithmetic", methods=["lora", "pissa", "peft-lora-ga", "lora-ga"],
-                    max_steps=60, batch_size=8, max_length=48, eval_every=30, eval_samples=100, test_limit=200,
-                    lr_grid=[1e-4, 1e-3], ablations=False),
+                    max_steps=60, batch_size=8, max_length=48, eval_every=30, eval_samples=64, test_limit=200,
+                    lr_grid=[1e-4, 1e-3], seeds=[0, 1], ablations=False),
 }
 RANK, ALPHA = 8, 16.0
+MAX_CONCURRENT = 2
 
 
 def _space_file(folder: Path, values: dict) -> str:
@@ -73,7 +75,7 @@ def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, 
         eval_every=exp["eval_every"], eval_samples=exp["eval_samples"], seed=seed, workers=1,
         experiment=f"convergence-{exp['model']}",
     )
-    sopts = SearchOptions(space=_space_file(out, space), num_samples=1, max_concurrent=1,
+    sopts = SearchOptions(space=_space_file(out, space), num_samples=1, max_concurrent=MAX_CONCURRENT,
                           grace_period=exp["max_steps"], name="search", resume=(out / "search.json").exists())
     return search(base, sopts, out=out)
 
@@ -133,7 +135,7 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
         record["lr_grid"] = {**record.get("lr_grid", {}), method: [
             {"lr": r.get("lr"), "val": r.get(val_metric), "eval_loss": r.get("eval_loss")} for r, _ in done]}
         print(f"[{name}] {method}: lr {lr:g} (val {best[0].get(val_metric)})", flush=True)
-        seeds = _search(exp, work / method / "seeds", method, {"seed": {"grid": SEEDS[1:]}, "lr": lr}, str(artifact))
+        seeds = _search(exp, work / method / "seeds", method, {"seed": {"grid": exp["seeds"][1:]}, "lr": lr}, str(artifact))
         for row, trial_out in _rows_with_outputs(seeds):
             record["runs"].append(dict(_trial_record(exp, trial_out, dict(row, init=method, lr=lr), metric), stage="main"))
         record["timings"][f"{method}_s"] = time.time() - t0
@@ -143,7 +145,7 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
         lr = record["chosen_lr"]["lora-ga"]
         for label, over in (("lora-ga r=32", {"rank": 32}), ("lora-ga scale=unit", {"scale": "unit"})):
             t0 = time.time()
-            space = {"seed": {"grid": SEEDS}, "lr": lr, **({"rank": over["rank"]} if "rank" in over else {"scale": over["scale"]})}
+            space = {"seed": {"grid": ABLATION_SEEDS}, "lr": lr, **({"rank": over["rank"]} if "rank" in over else {"scale": over["scale"]})}
             res = _search(exp, work / label.replace(" ", "_").replace("=", "") , "lora-ga", space, str(artifact), **over)
             for row, trial_out in _rows_with_outputs(res):
                 rec = _trial_record(exp, trial_out, dict(row, init="lora-ga", lr=lr, **over), metric)
@@ -259,7 +261,16 @@ def main(argv=None) -> int:
     ap.add_argument("--experiments", default="minilm,smollm2")
     ap.add_argument("--work", default="runs/convergence", help="where the searches write (default: %(default)s)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--max-concurrent", type=int, default=2, help="trials at a time (each Train worker uses 1 CPU)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the harness end to end (results not kept)")
     args = ap.parse_args(argv)
+    global MAX_CONCURRENT, RESULTS
+    MAX_CONCURRENT = args.max_concurrent
+    if args.smoke:
+        RESULTS = Path(args.work).resolve() / "smoke-results"
+        for exp in EXPERIMENTS.values():
+            exp.update(max_steps=8, eval_every=4, eval_samples=32, test_limit=48, lr_grid=[1e-4, 1e-3], seeds=[0, 1],
+                       methods=["lora", "peft-lora-ga", "lora-ga"], ablations=True)
     logging.basicConfig(level=logging.WARNING)
     for name in args.experiments.split(","):
         if not args.report_only:

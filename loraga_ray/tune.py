@@ -45,6 +45,7 @@ TRAIN_DIR = "train"
 TRIALS_DIR = "trials"
 TRIAL_RUN_FILE = "mlflow_run.json"
 METRIC = "eval_loss"
+ASHA_TIME = "asha_step"  # "step" in every report Tune gets except the final one
 SCORE_KEYS = ("eval_accuracy", "eval_exact_match")
 
 
@@ -263,6 +264,10 @@ def _report_to_tune():
             first = {k: v for k, v in metrics[0].items() if k != "step_metrics"}  # per-step rows go to MLflow only
             if "done" in first:
                 first["train_done"] = bool(first.pop("done"))
+            if not first.get("train_done"):
+                # ASHA's clock. The final report carries none, so ASHA never stops a trial on it: a
+                # rung at the last step would otherwise kill the trial before it exports its adapter.
+                first[ASHA_TIME] = first.get("step")
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return ReportToTune()
@@ -697,7 +702,7 @@ def _run_tuner(base, sopts, space, out, artifact, parent_run_id, tracking_uri, c
             # (save its adapter, close its MLflow run) instead of being torn down at its last report.
             max_t = total_steps + 1
             grace = sopts.grace_period or min(2 * base.eval_every, total_steps)
-            scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=max_t,
+            scheduler = ASHAScheduler(time_attr=ASHA_TIME, metric=METRIC, mode="min", max_t=max_t,
                                       grace_period=grace, reduction_factor=sopts.reduction_factor)
             tuner = tune.Tuner(
                 trainable,

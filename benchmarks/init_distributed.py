@@ -1,0 +1,149 @@
+"""The distributed init pipeline: 1 vs N gradient workers, stage times and driver memory.
+
+Each run is a fresh process (`loraga_ray.distributed.run_init` on an embedded local Ray); the
+driver's resident memory is sampled every 5 ms from just before the run until it returns, so the
+peak *above the driver's baseline* can be set against the model's largest target layer (the
+driver reduces one layer at a time: goal <= 2x the largest layer's float32 size) and against the
+total size of all target weights (what a gather-everything driver would hold).
+
+    python benchmarks/init_distributed.py                      # demo-minilm, workers 1 and 2, 3 repeats
+    python benchmarks/init_distributed.py --workers 1,2 --repeats 3
+
+Writes init_distributed.json and init_distributed.md into --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_one(args) -> dict:
+    import tempfile
+
+    import torch  # noqa: F401  (imported before the baseline is taken, as the run needs it)
+
+    from loraga_ray.cluster import connect
+    from loraga_ray.distributed import InitOptions, run_init
+    from loraga_ray.models import load_model, resolve_model
+    from loraga_ray.targets import find_target_modules, weight_shape
+
+    # sizes of the target layers, from a model loaded and dropped before the baseline
+    model = load_model(resolve_model(args.model))
+    mods = dict(model.named_modules())
+    sizes = [4 * weight_shape(mods[n])[0] * weight_shape(mods[n])[1] / 2**20 for n in find_target_modules(model)]
+    del model, mods
+    connect(None, num_cpus=8, quiet=True)
+    import gc
+
+    gc.collect()
+    base = _rss_mb()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out = Path(tempfile.mkdtemp()) / "init"
+    t0 = time.perf_counter()
+    _, summary = run_init(InitOptions(model=args.model, data=args.data, out=str(out), num_samples=args.num_samples,
+                                      batch_size=args.batch_size, max_rank=args.max_rank, workers=args.run_workers,
+                                      gpus_per_worker=0, max_length=args.max_length, progress=False))
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    summary.update(wall_s=wall, driver_base_rss_mb=base, driver_peak_rss_during_mb=peak[0],
+                   driver_above_base_mb=peak[0] - base, largest_layer_mb=max(sizes), all_targets_mb=sum(sizes),
+                   num_target_layers=len(sizes))
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo-minilm")
+    ap.add_argument("--data", default="demo-rotten-tomatoes")
+    ap.add_argument("--num-samples", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-rank", type=int, default=8)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--run-workers", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.run_workers:
+        print(json.dumps(run_one(args), default=str))
+        return 0
+    rows = []
+    base_cmd = [sys.executable, __file__] + list(argv if argv is not None else sys.argv[1:])
+    for rep in range(args.repeats):
+        for w in [int(x) for x in args.workers.split(",")]:
+            proc = subprocess.run(base_cmd + ["--run-workers", str(w)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"workers={w} failed")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["repeat"] = rep
+            rows.append(row)
+            print(f"[{rep + 1}/{args.repeats}] workers={w}: wall {row['wall_s']:.1f}s gradient {row['gradient_s']:.1f}s "
+                  f"driver +{row['driver_above_base_mb']:.1f} MB", flush=True)
+    med = {}
+    for w in sorted({r["workers"] for r in rows}):
+        rs = [r for r in rows if r["workers"] == w]
+        m = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+        med[w] = {k: m(k) for k in ("wall_s", "read_s", "start_s", "gradient_s", "reduce_s", "svd_s", "write_s",
+                                    "tokens_per_s", "bytes_moved", "reduce_peak_mb", "driver_above_base_mb")}
+    r0 = rows[0]
+    import torch
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    lines = [f"# Distributed init: {args.model}, {args.num_samples} samples in batches of {args.batch_size}, max length "
+             f"{args.max_length}, max rank {args.max_rank}, CPU workers", "",
+             f"Machine: {machine}. Medians of {args.repeats} interleaved repeats, each a fresh process with an embedded Ray.",
+             f"Command: `python benchmarks/init_distributed.py --workers {args.workers} --repeats {args.repeats}`", "",
+             f"Target layers: {r0['num_target_layers']}, all target weights {r0['all_targets_mb']:.1f} MB float32, "
+             f"largest layer {r0['largest_layer_mb']:.2f} MB (ratio {r0['all_targets_mb'] / r0['largest_layer_mb']:.0f}x).", "",
+             "| workers | wall s | read s | worker start s | gradient s | reduce s | SVD s | tokens/s | MB moved | reduce buffers MB | driver RSS above baseline MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w, s in med.items():
+        lines.append(f"| {w} | {s['wall_s']:.1f} | {s['read_s']:.1f} | {s['start_s']:.1f} | {s['gradient_s']:.1f} | "
+                     f"{s['reduce_s']:.2f} | {s['svd_s']:.2f} | {s['tokens_per_s']:.0f} | {s['bytes_moved'] / 2**20:.1f} | "
+                     f"{s['reduce_peak_mb']:.1f} | {s['driver_above_base_mb']:.1f} |")
+    lines += ["", f"Goal: driver peak <= 2 x largest layer = {2 * r0['largest_layer_mb']:.1f} MB above baseline "
+              f"(gathering every layer would need >= {r0['all_targets_mb']:.0f} MB). The reduce buffers are what the "
+              "reduction itself holds; the RSS figure also counts everything else the driver does in the run "
+              "(Ray Data sample, Python objects, allocator slack)."]
+    if len(med) > 1:
+        ws = sorted(med)
+        lines.append(f"Gradient-stage speed-up {ws[-1]} vs {ws[0]} workers: "
+                     f"{med[ws[0]]['gradient_s'] / med[ws[-1]]['gradient_s']:.2f}x (2 physical cores shared by all workers).")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "init_distributed.json").write_text(json.dumps({"machine": machine, "rows": rows, "medians": med}, indent=1, default=str))
+    (out / "init_distributed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
