@@ -909,7 +909,8 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: Plan | None =
         params.update(task=plan.task, total_steps=plan.total_steps, eval_source=plan.eval_source,
                       num_target_modules=len(plan.target_modules))
     tags = {"loraga.init": opts.init, "loraga.out": str(opts.out)}
-    return tracking.create_run(tracking_uri, opts.experiment, params=params, run_name=opts.run_name,
+    name = opts.run_name or (f"{opts.init} lr={opts.lr:g}" if opts.init == "full" else f"{opts.init} r={opts.rank} lr={opts.lr:g}")
+    return tracking.create_run(tracking_uri, opts.experiment, params=params, run_name=name,
                                parent_run_id=opts.parent_run_id, tags=tags)
 
 
@@ -1186,7 +1187,8 @@ def fit(opts: TrainOptions) -> dict:
         tracking.set_status(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, KeyboardInterrupt):
             raise
-        raise RuntimeError(f"training failed: {e}") from e
+        raise RuntimeError(f"training failed: {e}\nFix the cause, then continue with --resume --out {out} "
+                           "(from the last checkpoint, if any).") from e
     return export_run(opts, result, out, run_id, tracking_uri, started)
 
 
