@@ -397,3 +397,27 @@ def test_checkpoint_round_trip(init, assets, bert_artifact, tmp_path):
         for k in s1["state"][i]:
             torch.testing.assert_close(s2["state"][i][k], s1["state"][i][k], rtol=0, atol=0)
     assert init_state(model2) is not None and init_state(model2).A0.keys() == init_state(model).A0.keys()
+
+
+def test_plan_epochs_and_held_out_eval(assets, tmp_path):
+    from loraga_ray.train import plan_run
+
+    plan = plan_run(_opts(assets, tmp_path, init="lora", epochs=1.5, max_steps=None))
+    assert plan.steps_per_epoch == 64 // 8 and plan.total_steps == 12 and plan.eval_source == "validation split"
+    single_file = str(assets / "cls" / "train.parquet")  # no validation split: 10% of train held out by seed
+    plan = plan_run(_opts(assets, tmp_path, init="lora", data=single_file, eval_samples=4))
+    assert "held out" in plan.eval_source and plan.train_table.num_rows == 58 and plan.eval_table.num_rows == 4
+
+
+def test_cli_resume_reads_the_saved_options(assets, tmp_path):
+    from loraga_ray.cli import build_parser
+    from loraga_ray.train import OPTIONS_FILE, options_from_args
+
+    saved = dataclasses.asdict(_opts(assets, tmp_path, init="lora", rank=4, lr=1e-3))
+    (tmp_path / OPTIONS_FILE).write_text(json.dumps(saved))
+    opts = options_from_args(build_parser().parse_args(["train", "--resume", "--out", str(tmp_path)]))
+    assert opts.resume and (opts.init, opts.rank, opts.lr, opts.model) == ("lora", 4, 1e-3, saved["model"])
+    opts = options_from_args(build_parser().parse_args(["train", "--resume", "--out", str(tmp_path), "--lr", "0.1"]))
+    assert opts.lr == 0.1  # fit() then refuses it: a resumed run keeps its options
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--epochs", "2"])
+    assert options_from_args(args).max_steps is None and options_from_args(args).epochs == 2.0
