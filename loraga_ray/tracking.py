@@ -12,7 +12,6 @@ Look at a local store with::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -285,7 +284,3 @@ def read_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
     hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in hist)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
