@@ -14,9 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +24,7 @@ from torch import nn
 
 from .artifact import ArtifactError, InitArtifact
 from .factors import DIRECTIONS, SCALES, lora_ga_factors
+from .fsutil import atomic_folder
 from .targets import check_not_quantised, is_transposed, weight_shape
 
 INIT_STATE_FILE = "loraga_init.safetensors"
@@ -212,21 +210,6 @@ def apply_lora_ga(
     return peft_model
 
 
-def _atomic_dir(out_dir: Path):
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def adapter_for_original_base(model: nn.Module, adapter_name: str = "default"):
     """(state dict, LoraConfig) of a plain LoRA adapter for the original, unmodified base.
 
@@ -266,8 +249,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, adapter_name: 
     The folder is written atomically (temporary sibling, then rename)."""
     out_dir = Path(out_dir)
     sd, config = adapter_for_original_base(model, adapter_name)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_folder(out_dir) as tmp:
         config.save_pretrained(str(tmp))
         save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         state = init_state(model, adapter_name)
@@ -275,10 +257,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, adapter_name: 
             info = {k: v for k, v in asdict(state).items() if k not in ("A0", "B0")}
             info["note"] = "LoRA-GA adapter rewritten for the original base: rank 2r = [trained; initial] factors."
             (tmp / "loraga.json").write_text(json.dumps(info, indent=2))
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -292,13 +270,8 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     """Merge (in place) and save full weights with ``save_pretrained`` (safetensors)."""
     merged = merge_adapter(model)
     out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_folder(out_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -17,9 +17,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fsutil import atomic_folder
 from .targets import is_transposed
 
 FORMAT = "loraga-ray-init"
@@ -106,9 +104,7 @@ class InitArtifact:
         """Write the folder atomically: a temporary sibling is filled, then renamed into place,
         so an interrupted save leaves no half-written artifact. An existing folder is replaced."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_folder(path) as tmp:
             tensors = {}
             for name, (U, S, V) in self.factors.items():
                 tensors[f"{name}.U"] = U.detach().to("cpu", torch.float32).contiguous()
@@ -116,16 +112,6 @@ class InitArtifact:
                 tensors[f"{name}.V"] = V.detach().to("cpu", torch.float32).contiguous()
             save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-                path.rename(old)
-            tmp.rename(path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

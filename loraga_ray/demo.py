@@ -141,6 +141,7 @@ def _table(rows, metric, target, args) -> str:
 
 
 def _plot(results, target, path: Path, args) -> None:
+    from .evaluation import moving_mean
     from .plots import _pyplot
 
     plt = _pyplot()
@@ -150,7 +151,7 @@ def _plot(results, target, path: Path, args) -> None:
         hist = r["train"]["history"]
         steps = [h["step"] for h in hist if h.get("train_loss") is not None]
         losses = [h["train_loss"] for h in hist if h.get("train_loss") is not None]
-        smooth = [sum(losses[max(0, i - 9): i + 1]) / (i + 1 - max(0, i - 9)) for i in range(len(losses))]
+        smooth = moving_mean(losses, 10)
         ax.plot(steps, losses, color=colors[method], alpha=0.25, lw=0.8)
         ax.plot(steps, smooth, color=colors[method], lw=1.8, label=f"{method} train loss (10-step mean)")
         ev = [(h["step"], h["eval_loss"]) for h in hist if h.get("eval_loss") is not None]

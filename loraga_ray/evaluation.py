@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -40,7 +39,7 @@ def load_finished(model: str, run_out: str | Path, *, num_labels: int = 2, seed:
 def evaluate_split(model, spec, data: str, split: str = "test", *, max_length: int = 128, batch_size: int = 32,
                    limit: int | None = None, seed: int = 0) -> dict:
     """Loss and accuracy (seq-cls) or exact match (causal-lm, greedy) on ``split`` of ``data``."""
-    from .data import Encoder, collate, load_split, sample_table
+    from .data import Encoder, iter_batches, load_split, sample_table
     from .models import load_tokenizer
     from .train import evaluate
 
@@ -49,12 +48,9 @@ def evaluate_split(model, spec, data: str, split: str = "test", *, max_length: i
         table = sample_table(table, limit, seed)
     tok = load_tokenizer(spec)
     enc = Encoder(tok, spec.task, max_length=max_length)
-    batches = []
-    for i in range(0, table.num_rows, batch_size):
-        rows = table.slice(i, batch_size).to_pydict()
-        encoded = enc({k: np.array(v, dtype=object) for k, v in rows.items()})
-        responses = rows.get("response", [None] * len(next(iter(rows.values()))))
-        batches.append((collate(encoded, tok.pad_token_id, spec.task), responses))
+    responses = table.column("response").to_pylist() if "response" in table.column_names else [None] * table.num_rows
+    batches = [(b, responses[i * batch_size:(i + 1) * batch_size])
+               for i, b in enumerate(iter_batches(table, enc, batch_size, tok.pad_token_id, spec.task))]
     metrics = evaluate(model, batches, spec.task, torch.device("cpu"), contextlib.nullcontext, tok, 1)
     out = {k.replace("eval_", f"{split}_"): v for k, v in metrics.items()}
     out[f"{split}_examples"] = table.num_rows
@@ -71,6 +67,11 @@ def steps_to_reach(history, target: float, window: int = 10) -> int | None:
         if i + 1 >= min(window, len(losses)) and avg <= target:
             return losses[i][0]
     return None
+
+
+def moving_mean(values, window: int = 10) -> list[float]:
+    """Trailing mean over up to ``window`` values."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def final_train_loss(history, window: int = 10) -> float:

@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -563,19 +562,14 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
 def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:
     """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
     pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
-    import numpy as np
     from peft.tuners.lora import preprocess_loraga
 
-    from .data import Encoder, collate, load_split, sample_table
+    from .data import Encoder, iter_batches, load_split, sample_table
     from .models import load_tokenizer
 
     table = sample_table(load_split(opts.data, "train", **_load_kwargs(opts)), opts.init_samples, opts.seed)
     tok = load_tokenizer(spec)
-    enc = Encoder(tok, task, max_length=opts.max_length)
-    batches = []
-    for i in range(0, table.num_rows, opts.init_batch_size):
-        rows = table.slice(i, opts.init_batch_size).to_pydict()
-        batches.append(collate(enc({k: np.array(v, dtype=object) for k, v in rows.items()}), tok.pad_token_id, task))
+    batches = list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
     device = next(model.parameters()).device
 
     def train_step():
@@ -996,16 +990,10 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
 
 
 def _atomic_copytree(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from .fsutil import atomic_folder
+
+    with atomic_folder(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
