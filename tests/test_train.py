@@ -421,3 +421,39 @@ def test_cli_resume_reads_the_saved_options(assets, tmp_path):
     assert opts.lr == 0.1  # fit() then refuses it: a resumed run keeps its options
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--epochs", "2"])
     assert options_from_args(args).max_steps is None and options_from_args(args).epochs == 2.0
+
+
+def test_peft_lora_ga_baseline_keeps_output_and_exports_for_the_original_base(assets, tmp_path):
+    """PEFT's built-in LoRA-GA (the benchmark baseline) also rewrites the base weights; its
+    initial factors are recorded, so save_adapter still targets the unmodified base."""
+    from peft import PeftModel
+
+    from loraga_ray.adapters import save_adapter
+    from loraga_ray.data import Encoder, iter_batches, load_split
+    from loraga_ray.models import load_model, load_tokenizer, resolve_model
+
+    opts = _opts(assets, tmp_path / "run", init="peft-lora-ga", artifact=None, init_samples=16)
+    spec = resolve_model(opts.model, "seq-cls")
+    tok = load_tokenizer(spec)
+    batch = next(iter_batches(load_split(opts.data, "validation"), Encoder(tok, "seq-cls", max_length=32), 16,
+                              tok.pad_token_id, "seq-cls"))
+    base = load_model(spec, num_labels=2, seed=opts.seed).eval()
+    with torch.no_grad():
+        before = base(**batch).logits
+    model = build_model(opts, spec, "seq-cls", 2).eval()
+    assert model.peft_config["default"].init_lora_weights == "lora_ga"
+    with torch.no_grad():
+        assert (model(**batch).logits - before).abs().max() < 1e-4
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_model(spec, num_labels=2, seed=opts.seed)
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert (loaded(**batch).logits - trained).abs().max() < 1e-4
