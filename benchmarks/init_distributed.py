@@ -1,7 +1,8 @@
 """The distributed init pipeline: 1 vs N gradient workers, stage times and driver memory.
 
-Each run is a fresh process (`loraga_ray.distributed.run_init` on an embedded local Ray); the
-driver's resident memory is sampled every 5 ms from just before the run until it returns, so the
+Each run is a fresh process (`loraga_ray.distributed.run_init` on an embedded local Ray). After a
+small warm-up run in the same process (so one-off imports and caches are already in the baseline),
+the driver's resident memory is sampled every 5 ms from just before the run until it returns, so the
 peak *above the driver's baseline* can be set against the model's largest target layer (the
 driver reduces one layer at a time: goal <= 2x the largest layer's float32 size) and against the
 total size of all target weights (what a gather-everything driver would hold).
@@ -50,6 +51,12 @@ def run_one(args) -> dict:
     sizes = [4 * weight_shape(mods[n])[0] * weight_shape(mods[n])[1] / 2**20 for n in find_target_modules(model)]
     del model, mods
     connect(None, num_cpus=8, quiet=True)
+    # a small warm-up run first, so the baseline already holds what any run loads once (Ray Data,
+    # pyarrow, the tokenizer, module imports): the measured run then shows what a run itself adds
+    with tempfile.TemporaryDirectory() as warm:
+        run_init(InitOptions(model=args.model, data=args.data, out=str(Path(warm) / "init"), num_samples=2 * args.batch_size,
+                             batch_size=args.batch_size, max_rank=args.max_rank, workers=args.run_workers, gpus_per_worker=0,
+                             max_length=args.max_length, progress=False))
     import gc
 
     gc.collect()
