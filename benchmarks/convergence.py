@@ -183,7 +183,7 @@ def report(name: str) -> str:
              f"lr grid {record['settings']['lr_grid']} (same for all methods, chosen on validation), seeds "
              f"{sorted({r['config']['seed'] for r in record['runs']})}. Machine: {record.get('machine', '?')}.",
              "",
-             f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | steps to LoRA's final train loss (mean) | ratio to LoRA's steps |",
+             f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | steps to LoRA's final train loss (mean) | as a fraction of the run |",
              "|---|---|---|---|---|---|---|"]
     summary = {}
     for method, runs in by.items():
