@@ -37,19 +37,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-LR_GRID = [1e-4, 1e-3]  # the same for every method, fixed before any run
-SEEDS = [0, 1]
-ABLATION_SEEDS = [0]
+# The same for every method, fixed before the runs whose results are reported. (A first run with
+# {1e-4, 1e-3} left PiSSA at the majority class on validation at both points, so 3e-4 was added.)
+LR_GRID = [1e-4, 3e-4, 1e-3]
+SEEDS = [0, 1, 2]
 
 EXPERIMENTS = {
     # the GLUE/SST-2 analogue
     "minilm": dict(model="demo-minilm", data="demo-rotten-tomatoes", methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga"],
-                   max_steps=80, batch_size=16, max_length=64, eval_every=40, eval_samples=256, test_limit=None,
+                   max_steps=80, batch_size=16, max_length=64, eval_every=80, eval_samples=256, test_limit=None,
                    lr_grid=LR_GRID, seeds=SEEDS, ablations=True),
     # the GSM8K analogue; full fine-tuning of 135M parameters does not fit the CPU budget
     "smollm2": dict(model="demo-smollm2", data="demo-arithmetic", methods=["lora", "pissa", "peft-lora-ga", "lora-ga"],
-                    max_steps=60, batch_size=8, max_length=48, eval_every=30, eval_samples=64, test_limit=200,
-                    lr_grid=[1e-4, 1e-3], seeds=[0, 1], ablations=False),
+                    max_steps=60, batch_size=8, max_length=48, eval_every=60, eval_samples=64, test_limit=200,
+                    lr_grid=LR_GRID, seeds=SEEDS, ablations=False),
 }
 RANK, ALPHA = 8, 16.0
 MAX_CONCURRENT = 2
@@ -121,31 +122,41 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
         record["init_summary"] = summary
     record["timings"]["init_s"] = time.time() - t0
 
+    # 1. learning rate: every method x every lr, seed 0, in ONE search (one Tune run packs the trials)
+    t0 = time.time()
+    res = _search(exp, work / "lr", "lora-ga", {"init": {"grid": exp["methods"]}, "lr": {"grid": exp["lr_grid"]}},
+                  str(artifact))
+    record["timings"]["lr_selection_s"] = time.time() - t0
+    done_by: dict[str, list] = {}
+    for row, trial_out in _rows_with_outputs(res):
+        done_by.setdefault(row["init"], []).append((row, trial_out))
     for method in exp["methods"]:
-        t0 = time.time()
-        res = _search(exp, work / method / "lr", method, {"lr": {"grid": exp["lr_grid"]}}, str(artifact))
-        done = list(_rows_with_outputs(res))
+        done = done_by.get(method, [])
         if not done:
             print(f"[{name}] {method}: no lr finished", flush=True)
             continue
         best = max(done, key=lambda rt: ((rt[0].get(val_metric) or 0.0), -(rt[0].get("eval_loss") or 1e9)))
-        lr = float(best[0]["lr"])
-        record["chosen_lr"][method] = lr
-        record["runs"].append(dict(_trial_record(exp, best[1], dict(best[0], seed=0, init=method), metric), stage="main"))
-        record["lr_grid"] = {**record.get("lr_grid", {}), method: [
-            {"lr": r.get("lr"), "val": r.get(val_metric), "eval_loss": r.get("eval_loss")} for r, _ in done]}
-        print(f"[{name}] {method}: lr {lr:g} (val {best[0].get(val_metric)})", flush=True)
+        record["chosen_lr"][method] = float(best[0]["lr"])
+        record["runs"].append(dict(_trial_record(exp, best[1], dict(best[0], seed=0), metric), stage="main"))
+        record.setdefault("lr_grid", {})[method] = [
+            {"lr": r.get("lr"), "val": r.get(val_metric), "eval_loss": r.get("eval_loss")} for r, _ in done]
+        print(f"[{name}] {method}: lr {best[0]['lr']:g} (val {best[0].get(val_metric)})", flush=True)
+    _save(name, record)
+
+    # 2. the other seeds, each method at its chosen lr
+    for method, lr in record["chosen_lr"].items():
+        t0 = time.time()
         seeds = _search(exp, work / method / "seeds", method, {"seed": {"grid": exp["seeds"][1:]}, "lr": lr}, str(artifact))
         for row, trial_out in _rows_with_outputs(seeds):
             record["runs"].append(dict(_trial_record(exp, trial_out, dict(row, init=method, lr=lr), metric), stage="main"))
-        record["timings"][f"{method}_s"] = time.time() - t0
+        record["timings"][f"{method}_seeds_s"] = time.time() - t0
         _save(name, record)
 
     if exp["ablations"] and "lora-ga" in record["chosen_lr"]:
         lr = record["chosen_lr"]["lora-ga"]
         for label, over in (("lora-ga r=32", {"rank": 32}), ("lora-ga scale=unit", {"scale": "unit"})):
             t0 = time.time()
-            space = {"seed": {"grid": ABLATION_SEEDS}, "lr": lr, **({"rank": over["rank"]} if "rank" in over else {"scale": over["scale"]})}
+            space = {"seed": {"grid": exp["seeds"]}, "lr": lr, **({"rank": over["rank"]} if "rank" in over else {"scale": over["scale"]})}
             res = _search(exp, work / label.replace(" ", "_").replace("=", "") , "lora-ga", space, str(artifact), **over)
             for row, trial_out in _rows_with_outputs(res):
                 rec = _trial_record(exp, trial_out, dict(row, init="lora-ga", lr=lr, **over), metric)
@@ -168,78 +179,177 @@ def _steps_to(history, target, window=10):
     return steps_to_reach(history, target, window)
 
 
-def report(name: str) -> str:
-    """Markdown table + plots from the saved JSON."""
-    record = json.loads((RESULTS / "convergence" / f"{name}.json").read_text())
+LABELS = {"full": "full fine-tuning", "lora": "LoRA", "pissa": "PiSSA", "peft-lora-ga": "PEFT `lora_ga`",
+          "lora-ga": "**LoRA-GA (loraga-ray)**", "lora-ga r=32": "LoRA-GA, r = 32",
+          "lora-ga scale=unit": "LoRA-GA, no stable scale"}
+
+
+def summarise(record: dict) -> dict:
+    """Per method: test metric mean/std over seeds, final train loss, and the steps each seed's
+    training loss (10-step moving mean) needs to reach plain LoRA's final training loss under the
+    same seed (same data order)."""
     metric = record["metric"]
-    by = {}
+    by: dict[str, list] = {}
     for run in record["runs"]:
         by.setdefault(run["config"]["init"], []).append(run)
     lora_final = {r["config"]["seed"]: r["final_train_loss"] for r in by.get("lora", [])}
-    lines = [f"# Convergence: {record['settings']['model']} on {record['settings']['data']}",
-             "",
-             f"r={record['rank']}, alpha={record['alpha']}, {record['settings']['max_steps']} steps of "
-             f"{record['settings']['batch_size']}, max length {record['settings']['max_length']}, "
-             f"lr grid {record['settings']['lr_grid']} (same for all methods, chosen on validation), seeds "
-             f"{sorted({r['config']['seed'] for r in record['runs']})}. Machine: {record.get('machine', '?')}.",
-             "",
-             f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | steps to LoRA's final train loss (mean) | as a fraction of the run |",
-             "|---|---|---|---|---|---|---|"]
-    summary = {}
+    out = {}
     for method, runs in by.items():
         vals = [r["test"][metric] for r in runs]
-        mean = statistics.mean(vals)
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        reach = []
-        for r in runs:
-            target = lora_final.get(r["config"]["seed"])
-            if target is not None:
-                s = _steps_to(r["history"], target)
-                reach.append(s if s is not None else float("inf"))
-        finite = [s for s in reach if s != float("inf")]
-        reach_mean = statistics.mean(finite) if finite and len(finite) == len(reach) else None
-        total = record["settings"]["max_steps"]
-        summary[method] = dict(mean=mean, std=std, n=len(vals), reach=reach_mean)
-        lines.append(f"| {method} | {runs[0]['config']['lr']:g} | {mean:.3f} ± {std:.3f} | {len(vals)} | "
-                     f"{statistics.mean(r['final_train_loss'] for r in runs):.3f} | "
-                     f"{'not reached in ' + str(total) if reach_mean is None else f'{reach_mean:.0f}'} | "
-                     f"{'' if reach_mean is None else f'{reach_mean / total:.2f}'} |")
+        reach = [(_steps_to(r["history"], lora_final[r["config"]["seed"]]))
+                 for r in runs if r["config"]["seed"] in lora_final]
+        hit = [s for s in reach if s is not None]
+        out[method] = dict(lr=runs[0]["config"]["lr"], mean=statistics.mean(vals),
+                           std=statistics.stdev(vals) if len(vals) > 1 else 0.0, n=len(vals),
+                           final_loss=statistics.mean(r["final_train_loss"] for r in runs),
+                           reach=reach, reach_mean=statistics.mean(hit) if hit else None, reached=len(hit),
+                           seeds=sorted(r["config"]["seed"] for r in runs), runs=runs)
+    return out
+
+
+def _reach_text(s: dict, total: int) -> tuple[str, str]:
+    if not s["reach"]:
+        return "", ""
+    if s["reached"] == 0:
+        return f"not within {total} (0/{len(s['reach'])} seeds)", ""
+    if s["reached"] < len(s["reach"]):  # a mean over the seeds that got there would flatter it
+        return f"{s['reach_mean']:.0f} in {s['reached']}/{len(s['reach'])} seeds, not within {total} in the rest", ""
+    return f"{s['reach_mean']:.0f}", f"{s['reach_mean'] / total:.2f}"
+
+
+def report(name: str) -> str:
+    """Markdown table + plots of one experiment, from its saved JSON."""
+    record = json.loads((RESULTS / "convergence" / f"{name}.json").read_text())
+    metric = record["metric"]
+    st = record["settings"]
+    total = st["max_steps"]
+    summary = summarise(record)
+    minutes = record.get("timings", {}).get("total_s")
+    lines = [f"# Convergence: {st['model']} on {st['data']}",
+             "",
+             f"r={record['rank']}, alpha={record['alpha']}, all attention and MLP Linears, {total} steps of "
+             f"{st['batch_size']}, max length {st['max_length']}, lr grid {st['lr_grid']} (the same for every "
+             f"method, chosen on the validation split at seed 0), seeds {st['seeds']}; test split"
+             f"{'' if not st.get('test_limit') else ' (first ' + str(st['test_limit']) + ' examples)'}. "
+             f"Machine: {record.get('machine', '?')}"
+             f"{'' if minutes is None else f'; this experiment took {minutes / 60:.1f} min'}.",
+             "",
+             f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | "
+             "steps to LoRA's final train loss (mean) | fraction of LoRA's steps |",
+             "|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        reach, frac = _reach_text(s, total)
+        lines.append(f"| {method} | {s['lr']:g} | {s['mean']:.3f} ± {s['std']:.3f} | {s['n']} | "
+                     f"{s['final_loss']:.3f} | {reach} | {frac} |")
+    lines += ["", "Per seed (test metric; steps to LoRA's final train loss, '-' = not reached):", "",
+              "| method | " + " | ".join(f"seed {k}" for k in st["seeds"]) + " |",
+              "|---|" + "---|" * len(st["seeds"])]
+    for method, s in summary.items():
+        cells = {}
+        lora_seeds = {r["config"]["seed"] for r in summary.get("lora", {}).get("runs", [])}
+        for r in s["runs"]:
+            sd = r["config"]["seed"]
+            steps = _steps_to(r["history"], next(x["final_train_loss"] for x in summary["lora"]["runs"]
+                                                   if x["config"]["seed"] == sd)) if sd in lora_seeds else None
+            cells[sd] = f"{r['test'][metric]:.3f}; {steps if steps is not None else '-'}"
+        lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in st["seeds"]) + " |")
     if "lr_grid" in record:
         lines += ["", "Learning-rate selection (seed 0, validation split):", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in record["settings"]["lr_grid"]) + " |",
-                  "|---|" + "---|" * len(record["settings"]["lr_grid"])]
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in st["lr_grid"]) + " |",
+                  "|---|" + "---|" * len(st["lr_grid"])]
         for method, grid in record["lr_grid"].items():
             vals = {float(g["lr"]): g["val"] for g in grid}
             lines.append(f"| {method} | " + " | ".join(
-                "" if vals.get(lr) is None else f"{vals[lr]:.3f}" for lr in record["settings"]["lr_grid"]) + " |")
+                "" if vals.get(lr) is None else f"{vals[lr]:.3f}" for lr in st["lr_grid"]) + " |")
     text = "\n".join(lines) + "\n"
     (RESULTS / f"convergence_{name}.md").write_text(text)
-    _plots(name, record, by, metric, summary)
+    _plots(name, record, summary, metric)
     return text
 
 
-def _plots(name, record, by, metric, summary):
-    import matplotlib
+def headline(names: list[str]) -> str:
+    """One table over the experiments (benchmarks/results/convergence.md) and one figure with
+    every experiment's loss curves (benchmarks/results/convergence_loss.png)."""
+    records = {n: json.loads((RESULTS / "convergence" / f"{n}.json").read_text())
+               for n in names if (RESULTS / "convergence" / f"{n}.json").exists()}
+    if not records:
+        return ""
+    sums = {n: summarise(r) for n, r in records.items()}
+    methods = [m for m in LABELS if any(m in s for s in sums.values())]
+    head = "| method |"
+    rule = "|---|"
+    for n, r in records.items():
+        metric = r["metric"].replace("test_", "").replace("_", " ")
+        head += f" {r['settings']['model']}: test {metric} | steps to LoRA's final loss |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for m in methods:
+        row = f"| {LABELS[m]} |"
+        for n, r in records.items():
+            s = sums[n].get(m)
+            if s is None:
+                row += " not run | |"
+                continue
+            reach, frac = _reach_text(s, r["settings"]["max_steps"])
+            row += f" {s['mean']:.3f} ± {s['std']:.3f} (n={s['n']}) | {reach}{'' if not frac else f' ({frac})'} |"
+        lines.append(row)
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "convergence.md").write_text(text)
 
-    from loraga_ray.evaluation import moving_mean
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=110)
-    for method, runs in by.items():
-        seed0 = [r for r in runs if r["config"]["seed"] == 0] or runs
-        hist = seed0[0]["history"]
-        steps = [h["step"] for h in hist if h.get("train_loss") is not None]
-        losses = [h["train_loss"] for h in hist if h.get("train_loss") is not None]
-        smooth = moving_mean(losses, 10)
-        ax.plot(steps, smooth, lw=1.6, label=f"{method} (lr {seed0[0]['config']['lr']:g})",
-                ls="--" if "r=" in method or "unit" in method else "-")
+    fig, axes = plt.subplots(1, len(records), figsize=(6.2 * len(records), 4.2), dpi=110, squeeze=False)
+    for ax, (n, r) in zip(axes[0], records.items()):
+        _loss_axes(ax, r, sums[n], main_only=True)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "convergence_loss.png")
+    plt.close(fig)
+    return text
+
+
+def _loss_axes(ax, record, summary, main_only=False):
+    """Training loss (10-step moving mean), mean over seeds with a min-max band; plain LoRA's
+    final loss as a dotted line."""
+    import numpy as np
+
+    from loraga_ray.evaluation import moving_mean
+
+    for method, s in summary.items():
+        if main_only and ("r=" in method or "unit" in method):
+            continue
+        curves = []
+        for r in s["runs"]:
+            hist = [h for h in r["history"] if h.get("train_loss") is not None]
+            curves.append((np.array([h["step"] for h in hist]), np.array(moving_mean([h["train_loss"] for h in hist], 10))))
+        n = min(len(c[1]) for c in curves)
+        steps = curves[0][0][:n]
+        ys = np.stack([c[1][:n] for c in curves])
+        line, = ax.plot(steps, ys.mean(0), lw=1.8 if method == "lora-ga" else 1.3,
+                        ls="--" if "r=" in method or "unit" in method else "-",
+                        label=f"{LABELS.get(method, method).strip('*')} (lr {s['lr']:g})")
+        if len(curves) > 1:
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
+    if "lora" in summary:
+        ax.axhline(summary["lora"]["final_loss"], color="gray", ls=":", lw=1, label="LoRA's final loss")
+    st = record["settings"]
+    ax.set_title(f"{st['model']} on {st['data']}, r={record['rank']}", fontsize=10)
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (10-step mean, seed 0)")
+    ax.set_ylabel(f"train loss, 10-step mean (mean of {len(st['seeds'])} seeds, band min-max)", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"Training loss: {record['settings']['model']} on {record['settings']['data']}")
+    ax.legend(fontsize=7)
+
+
+def _plots(name, record, summary, metric):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    _loss_axes(ax, record, summary)
     fig.tight_layout()
     fig.savefig(RESULTS / f"convergence_{name}_loss.png")
     plt.close(fig)
@@ -284,6 +394,7 @@ def main(argv=None) -> int:
             record["timings"]["total_s"] = time.time() - t0
             _save(name, record)
         print(report(name), flush=True)
+    print(headline(list(EXPERIMENTS)), flush=True)
     return 0
 
 
