@@ -34,8 +34,29 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                 "leave --address/RAY_ADDRESS unset to run on an embedded local Ray instead."
             ) from e
     else:
+        env = dict(runtime_env or {})
+        env.setdefault("worker_process_setup_hook", QUIET_HOOK)
+        kwargs["runtime_env"] = env
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
     return ray
+
+
+QUIET_HOOK = "loraga_ray.cluster.quiet_ray_internals"
+
+
+def quiet_ray_internals() -> None:
+    """Worker setup hook of the embedded instance. Two Ray Train lines would otherwise bury the
+    progress lines every few seconds: an INFO line per reported result (the whole metrics dict),
+    and the placement-group cleaner's warning that the state API is unavailable, which it always
+    is on an embedded instance started without the dashboard. Their errors still show."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by file
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

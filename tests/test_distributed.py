@@ -320,3 +320,33 @@ def test_storage_local_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         storage.save_artifact(art, str(tmp_path / "b"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_embedded_ray_quiets_train_internals(monkeypatch):
+    """The embedded instance's workers run a setup hook that keeps Ray Train's per-report INFO line
+    and the no-dashboard state-API warning out of the progress output; a cluster connection and a
+    user's own hook are left alone."""
+    import importlib
+    import logging
+
+    import ray
+
+    from loraga_ray import cluster
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw))
+    cluster.connect(None, num_cpus=2, runtime_env={"env_vars": {"A": "1"}})
+    assert seen[-1]["runtime_env"] == {"env_vars": {"A": "1"}, "worker_process_setup_hook": cluster.QUIET_HOOK}
+    assert seen[-1]["include_dashboard"] is False and seen[-1]["dashboard_host"] == "127.0.0.1"
+    cluster.connect(None, runtime_env={"worker_process_setup_hook": "mine.hook"})
+    assert seen[-1]["runtime_env"]["worker_process_setup_hook"] == "mine.hook"
+
+    module, _, name = cluster.QUIET_HOOK.rpartition(".")
+    hook = getattr(importlib.import_module(module), name)  # what a worker resolves from the string
+    from ray.train.v2._internal.execution import context
+
+    hook()
+    assert logging.getLogger(context.__file__).getEffectiveLevel() == logging.WARNING
+    cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    assert cleaner.getEffectiveLevel() == logging.ERROR
