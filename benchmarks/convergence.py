@@ -1,10 +1,11 @@
 """Does LoRA-GA reach full fine-tuning quality and converge faster than LoRA? Measured offline.
 
-Runs through loraga-ray's own ``tune`` machinery (one Ray Tune search per method and stage):
+Runs through loraga-ray's own ``tune`` machinery:
 
-1. learning-rate selection: every method over the SAME lr grid, seed 0, chosen on the validation
-   split (accuracy / exact match, ties by eval loss); grids are fixed here, before any test result;
-2. seeds: each method at its chosen lr with the other seeds too;
+1. learning-rate selection: one search over every method x the SAME lr grid, seed 0; each method's
+   lr is chosen on the validation split (accuracy / exact match, ties by eval loss); the grid is
+   fixed here, before any test result;
+2. seeds: one search per method, at its chosen lr, over the other seeds;
 3. test metrics: each finished trial's exported adapter (or full weights) is loaded onto a fresh,
    unmodified base and evaluated on the test split;
 4. convergence: steps each method's training loss (10-step moving mean) needs to reach plain LoRA's
@@ -12,14 +13,17 @@ Runs through loraga-ray's own ``tune`` machinery (one Ray Tune search per method
 
 The LoRA-GA trials of an experiment share one gradient estimate (max rank 32, so the rank
 ablation can use it too). Ablations (minilm): LoRA-GA at rank 32, and with ``scale=unit``
-(no stable scale), at LoRA-GA's chosen lr.
+(no stable scale), at LoRA-GA's chosen lr, all seeds.
 
     python benchmarks/convergence.py                      # both experiments, CPU sizes
     python benchmarks/convergence.py --experiments minilm
+    python benchmarks/convergence.py --device cuda        # larger GPU_SETTINGS, full FT of SmolLM2 too
     python benchmarks/convergence.py --report-only        # tables and plots from the saved JSON
 
 Raw results: benchmarks/results/convergence/<experiment>.json; tables: convergence_<exp>.md;
-plots: convergence_<exp>_loss.png, convergence_<exp>_metric.png.
+plots: convergence_<exp>_loss.png, convergence_<exp>_metric.png; the headline over both
+experiments: convergence.md and convergence_loss.png. A stopped run resumes where it was (each
+search resumes from its folder under --work).
 """
 
 from __future__ import annotations
@@ -52,8 +56,16 @@ EXPERIMENTS = {
                     max_steps=60, batch_size=8, max_length=48, eval_every=60, eval_samples=64, test_limit=200,
                     lr_grid=LR_GRID, seeds=SEEDS, ablations=False),
 }
+# Larger settings for a GPU (`--device cuda`): longer runs, full evaluation splits, and full
+# fine-tuning of SmolLM2 too. Results go to <experiment>_gpu.json so the CPU figures stay.
+GPU_SETTINGS = {
+    "minilm": dict(max_steps=300, batch_size=32, max_length=128, eval_every=100, eval_samples=1024),
+    "smollm2": dict(methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga"], max_steps=300, batch_size=16,
+                    max_length=64, eval_every=100, eval_samples=256, test_limit=None),
+}
 RANK, ALPHA = 8, 16.0
 MAX_CONCURRENT = 2
+DEVICE = "auto"
 
 
 def _space_file(folder: Path, values: dict) -> str:
@@ -73,7 +85,7 @@ def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, 
         model=exp["model"], data=exp["data"], out=str(out), init=init, artifact=artifact if init == "lora-ga" else None,
         rank=over.get("rank", RANK), alpha=ALPHA, scale=over.get("scale", "stable"), lr=over.get("lr", 1e-4),
         max_steps=exp["max_steps"], batch_size=exp["batch_size"], max_length=exp["max_length"],
-        eval_every=exp["eval_every"], eval_samples=exp["eval_samples"], seed=seed, workers=1,
+        eval_every=exp["eval_every"], eval_samples=exp["eval_samples"], seed=seed, workers=1, device=DEVICE,
         experiment=f"convergence-{exp['model']}",
     )
     sopts = SearchOptions(space=_space_file(out, space), num_samples=1, max_concurrent=MAX_CONCURRENT,
@@ -267,9 +279,9 @@ def report(name: str) -> str:
     return text
 
 
-def headline(names: list[str]) -> str:
-    """One table over the experiments (benchmarks/results/convergence.md) and one figure with
-    every experiment's loss curves (benchmarks/results/convergence_loss.png)."""
+def headline(names: list[str], suffix: str = "") -> str:
+    """One table over the experiments (benchmarks/results/convergence<suffix>.md) and one figure
+    with every experiment's loss curves (benchmarks/results/convergence<suffix>_loss.png)."""
     records = {n: json.loads((RESULTS / "convergence" / f"{n}.json").read_text())
                for n in names if (RESULTS / "convergence" / f"{n}.json").exists()}
     if not records:
@@ -294,7 +306,7 @@ def headline(names: list[str]) -> str:
             row += f" {s['mean']:.3f} ± {s['std']:.3f} (n={s['n']}) | {reach}{'' if not frac else f' ({frac})'} |"
         lines.append(row)
     text = "\n".join(lines) + "\n"
-    (RESULTS / "convergence.md").write_text(text)
+    (RESULTS / f"convergence{suffix}.md").write_text(text)
 
     import matplotlib
 
@@ -305,7 +317,7 @@ def headline(names: list[str]) -> str:
     for ax, (n, r) in zip(axes[0], records.items()):
         _loss_axes(ax, r, sums[n], main_only=True)
     fig.tight_layout()
-    fig.savefig(RESULTS / "convergence_loss.png")
+    fig.savefig(RESULTS / f"convergence{suffix}_loss.png")
     plt.close(fig)
     return text
 
@@ -375,9 +387,18 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--max-concurrent", type=int, default=2, help="trials at a time (each Train worker uses 1 CPU)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the harness end to end (results not kept)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cpu: the 2-core sizes (default); cuda: one GPU per trial and the larger GPU_SETTINGS, "
+                         "results in <experiment>_gpu.json")
     args = ap.parse_args(argv)
-    global MAX_CONCURRENT, RESULTS
+    global MAX_CONCURRENT, RESULTS, DEVICE
     MAX_CONCURRENT = args.max_concurrent
+    DEVICE = args.device
+    suffix = ""
+    if args.device == "cuda":
+        suffix = "_gpu"
+        for key, over in GPU_SETTINGS.items():
+            EXPERIMENTS[key].update(over)
     if args.smoke:
         RESULTS = Path(args.work).resolve() / "smoke-results"
         for exp in EXPERIMENTS.values():
@@ -389,12 +410,13 @@ def main(argv=None) -> int:
             import torch
 
             t0 = time.time()
-            record = run_experiment(name, EXPERIMENTS[name], Path(args.work).resolve())
-            record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+            record = run_experiment(name + suffix, EXPERIMENTS[name], Path(args.work).resolve())
+            gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""
+            record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
             record["timings"]["total_s"] = time.time() - t0
-            _save(name, record)
-        print(report(name), flush=True)
-    print(headline(list(EXPERIMENTS)), flush=True)
+            _save(name + suffix, record)
+        print(report(name + suffix), flush=True)
+    print(headline([n + suffix for n in EXPERIMENTS], suffix), flush=True)
     return 0
 
 
