@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -66,6 +67,7 @@ GPU_SETTINGS = {
 RANK, ALPHA = 8, 16.0
 MAX_CONCURRENT = 2
 DEVICE = "auto"
+EXTEND_EDGES = True  # the edge rule of edge_points(); --no-extend-edges turns it off
 
 
 def _space_file(folder: Path, values: dict) -> str:
@@ -98,8 +100,15 @@ def _trial_record(exp: dict, trial_out: Path, row: dict, task_metric: str) -> di
 
     metrics = json.loads((trial_out / "metrics.json").read_text())
     history = metrics["history"]
-    model, spec = load_finished(exp["model"], trial_out, seed=row.get("seed", 0))
-    test = evaluate_split(model, spec, exp["data"], "test", max_length=exp["max_length"], limit=exp["test_limit"])
+    cache = trial_out / "test_eval.json"  # a resumed run does not evaluate a finished trial again
+    key = {"data": exp["data"], "max_length": exp["max_length"], "limit": exp["test_limit"]}
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        test = cached["test"]
+    else:
+        model, spec = load_finished(exp["model"], trial_out, seed=row.get("seed", 0))
+        test = evaluate_split(model, spec, exp["data"], "test", max_length=exp["max_length"], limit=exp["test_limit"])
+        cache.write_text(json.dumps({"key": key, "test": test}))
     return {"config": {k: row.get(k) for k in ("init", "lr", "seed", "rank", "scale")},
             "val": {k: row.get(k) for k in ("eval_loss", "eval_accuracy", "eval_exact_match")},
             "test": test, "history": [{k: h.get(k) for k in ("step", "train_loss", "eval_loss", task_metric.replace("test_", "eval_"))}
@@ -112,6 +121,34 @@ def _rows_with_outputs(res):
         trial_out = res.out / "trials" / row["trial_id"]
         if row["status"] == "completed" and (trial_out / "metrics.json").exists():
             yield row, trial_out
+
+
+def edge_points(grid: list[float], chosen: dict[str, float]) -> list[float]:
+    """The rule for a best lr on the edge of the grid, fixed before any result: when any method's
+    validation-chosen lr is the grid's smallest (largest) value, the grid gets one more point a
+    half-decade below (above) that edge, for every method, once. Only validation decides it."""
+    lo, hi = min(grid), max(grid)
+    new = []
+    if any(math.isclose(v, lo) for v in chosen.values()):
+        new.append(float(f"{lo / math.sqrt(10):.0e}"))
+    if any(math.isclose(v, hi) for v in chosen.values()):
+        new.append(float(f"{hi * math.sqrt(10):.0e}"))
+    return new
+
+
+def _folder_for_lr(folder: Path, lr: float) -> Path:
+    """A stage's search folder; a different lr than the one it holds gets a folder of its own, so
+    a resumed run never mixes searches."""
+    import yaml
+
+    space = folder / "space.yaml"
+    if not space.exists() or math.isclose(float((yaml.safe_load(space.read_text()) or {}).get("lr", lr)), lr):
+        return folder
+    return folder.with_name(f"{folder.name}_lr{lr:g}")
+
+
+def _choose(done: list, val_metric: str):
+    return max(done, key=lambda rt: ((rt[0].get(val_metric) or 0.0), -(rt[0].get("eval_loss") or 1e9)))
 
 
 def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
@@ -134,20 +171,32 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
         record["init_summary"] = summary
     record["timings"]["init_s"] = time.time() - t0
 
-    # 1. learning rate: every method x every lr, seed 0, in ONE search (one Tune run packs the trials)
+    # 1. learning rate: every method x every lr, seed 0, in ONE search (one Tune run packs the trials);
+    #    then, by the edge rule, one more search over the added points
     t0 = time.time()
-    res = _search(exp, work / "lr", "lora-ga", {"init": {"grid": exp["methods"]}, "lr": {"grid": exp["lr_grid"]}},
-                  str(artifact))
-    record["timings"]["lr_selection_s"] = time.time() - t0
     done_by: dict[str, list] = {}
-    for row, trial_out in _rows_with_outputs(res):
-        done_by.setdefault(row["init"], []).append((row, trial_out))
+
+    def lr_search(folder: Path, grid: list[float]) -> None:
+        res = _search(exp, folder, "lora-ga", {"init": {"grid": exp["methods"]}, "lr": {"grid": grid}}, str(artifact))
+        for row, trial_out in _rows_with_outputs(res):
+            done_by.setdefault(row["init"], []).append((row, trial_out))
+
+    lr_search(work / "lr", exp["lr_grid"])
+    chosen = {m: float(_choose(d, val_metric)[0]["lr"]) for m, d in done_by.items()}
+    extra = edge_points(exp["lr_grid"], chosen) if EXTEND_EDGES else []
+    if extra:
+        print(f"[{name}] best lr on the grid's edge for {sorted(m for m, v in chosen.items() if v in (min(exp['lr_grid']), max(exp['lr_grid'])))}: "
+              f"adding {extra} for every method", flush=True)
+        lr_search(work / "lr-edges", extra)
+    record["settings"]["lr_grid"] = sorted(exp["lr_grid"] + extra)
+    record["lr_grid_added"] = extra
+    record["timings"]["lr_selection_s"] = time.time() - t0
     for method in exp["methods"]:
         done = done_by.get(method, [])
         if not done:
             print(f"[{name}] {method}: no lr finished", flush=True)
             continue
-        best = max(done, key=lambda rt: ((rt[0].get(val_metric) or 0.0), -(rt[0].get("eval_loss") or 1e9)))
+        best = _choose(done, val_metric)
         record["chosen_lr"][method] = float(best[0]["lr"])
         record["runs"].append(dict(_trial_record(exp, best[1], dict(best[0], seed=0), metric), stage="main"))
         record.setdefault("lr_grid", {})[method] = [
@@ -158,7 +207,7 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
     # 2. the other seeds, each method at its chosen lr
     for method, lr in record["chosen_lr"].items():
         t0 = time.time()
-        seeds = _search(exp, work / method / "seeds", method, {"seed": {"grid": exp["seeds"][1:]}, "lr": lr}, str(artifact))
+        seeds = _search(exp, _folder_for_lr(work / method / "seeds", lr), method, {"seed": {"grid": exp["seeds"][1:]}, "lr": lr}, str(artifact))
         for row, trial_out in _rows_with_outputs(seeds):
             record["runs"].append(dict(_trial_record(exp, trial_out, dict(row, init=method, lr=lr), metric), stage="main"))
         record["timings"][f"{method}_seeds_s"] = time.time() - t0
@@ -169,7 +218,8 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
         for label, over in (("lora-ga r=32", {"rank": 32}), ("lora-ga scale=unit", {"scale": "unit"})):
             t0 = time.time()
             space = {"seed": {"grid": exp["seeds"]}, "lr": lr, **({"rank": over["rank"]} if "rank" in over else {"scale": over["scale"]})}
-            res = _search(exp, work / label.replace(" ", "_").replace("=", "") , "lora-ga", space, str(artifact), **over)
+            res = _search(exp, _folder_for_lr(work / label.replace(" ", "_").replace("=", ""), lr), "lora-ga", space,
+                          str(artifact), **over)
             for row, trial_out in _rows_with_outputs(res):
                 rec = _trial_record(exp, trial_out, dict(row, init="lora-ga", lr=lr, **over), metric)
                 rec["config"]["init"] = label
@@ -241,7 +291,9 @@ def report(name: str) -> str:
              "",
              f"r={record['rank']}, alpha={record['alpha']}, all attention and MLP Linears, {total} steps of "
              f"{st['batch_size']}, max length {st['max_length']}, lr grid {st['lr_grid']} (the same for every "
-             f"method, chosen on the validation split at seed 0), seeds {st['seeds']}; test split"
+             f"method, chosen on the validation split at seed 0"
+             f"{'; ' + str(record['lr_grid_added']) + ' added by the edge rule' if record.get('lr_grid_added') else ''}"
+             f"), seeds {st['seeds']}; test split"
              f"{'' if not st.get('test_limit') else ' (first ' + str(st['test_limit']) + ' examples)'}. "
              f"Machine: {record.get('machine', '?')}"
              f"{'' if minutes is None else f'; this experiment took {minutes / 60:.1f} min'}.",
@@ -390,8 +442,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: the 2-core sizes (default); cuda: one GPU per trial and the larger GPU_SETTINGS, "
                          "results in <experiment>_gpu.json")
+    ap.add_argument("--no-extend-edges", action="store_true",
+                    help="keep the lr grid as it is even when a method's best lr is on its edge")
     args = ap.parse_args(argv)
-    global MAX_CONCURRENT, RESULTS, DEVICE
+    global MAX_CONCURRENT, RESULTS, DEVICE, EXTEND_EDGES
+    EXTEND_EDGES = not args.no_extend_edges
     MAX_CONCURRENT = args.max_concurrent
     DEVICE = args.device
     suffix = ""
@@ -410,10 +465,15 @@ def main(argv=None) -> int:
             import torch
 
             t0 = time.time()
+            prev_file = RESULTS / "convergence" / f"{name + suffix}.json"
+            prev = json.loads(prev_file.read_text()).get("timings", {}) if prev_file.exists() else {}
+            sessions = prev.get("sessions_s") or ([prev["total_s"]] if "total_s" in prev else [])
             record = run_experiment(name + suffix, EXPERIMENTS[name], Path(args.work).resolve())
             gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""
             record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
-            record["timings"]["total_s"] = time.time() - t0
+            # a resumed run adds to the earlier sessions' time: total_s is what the whole benchmark cost
+            record["timings"]["sessions_s"] = sessions + [time.time() - t0]
+            record["timings"]["total_s"] = sum(record["timings"]["sessions_s"])
             _save(name + suffix, record)
         print(report(name + suffix), flush=True)
     print(headline([n + suffix for n in EXPERIMENTS], suffix), flush=True)

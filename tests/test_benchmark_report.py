@@ -77,3 +77,17 @@ def test_report_and_headline_files(conv, tmp_path):
     assert (tmp_path / "convergence.md").read_text() == head
     for f in ("convergence_x_loss.png", "convergence_x_metric.png", "convergence_loss.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / f).stat().st_size > 10_000
+
+
+def test_edge_rule(conv, tmp_path):
+    grid = [1e-4, 3e-4, 1e-3]
+    assert conv.edge_points(grid, {"a": 3e-4, "b": 3e-4}) == []
+    assert conv.edge_points(grid, {"a": 1e-4, "b": 3e-4}) == [3e-5]
+    assert conv.edge_points(grid, {"a": 1e-3}) == [3e-3]
+    assert conv.edge_points(grid, {"a": 1e-4, "b": 1e-3}) == [3e-5, 3e-3]
+    folder = tmp_path / "seeds"
+    assert conv._folder_for_lr(folder, 1e-4) == folder  # nothing there yet
+    folder.mkdir()
+    (folder / "space.yaml").write_text("seed: {grid: [1, 2]}\nlr: 0.0001\n")
+    assert conv._folder_for_lr(folder, 1e-4) == folder  # same lr: resume it
+    assert conv._folder_for_lr(folder, 3e-5) == tmp_path / "seeds_lr3e-05"  # another lr: its own search
