@@ -459,6 +459,7 @@ def main(argv=None) -> int:
         for exp in EXPERIMENTS.values():
             exp.update(max_steps=8, eval_every=4, eval_samples=32, test_limit=48, lr_grid=[1e-4, 1e-3], seeds=[0, 1],
                        methods=["lora", "peft-lora-ga", "lora-ga"], ablations=True)
+        EXTEND_EDGES = False
     logging.basicConfig(level=logging.WARNING)
     for name in args.experiments.split(","):
         if not args.report_only:

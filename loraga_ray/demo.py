@@ -20,9 +20,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Learning rates per method (each method at its own lr; LoRA-GA wants one near full fine-tuning's,
-# lower than plain LoRA's). See benchmarks/results/ for the validation-split grid behind them.
-DEFAULT_LR = {"lora-ga": 1e-4, "lora": 1e-3}
+# Each method's learning rate as benchmarks/convergence.py chose it on the validation split for
+# that demo model (benchmarks/results/convergence_<experiment>.md); LoRA-GA wants a lower one than
+# plain LoRA. Other models start from the demo-minilm values.
+DEFAULT_LR = {"demo-minilm": {"lora-ga": 1e-4, "lora": 1e-3},
+              "demo-smollm2": {"lora-ga": 1e-4, "lora": 1e-3}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-samples", type=int, default=None, help="cap on test examples (default: all for classification, 200 for generation)")
     p.add_argument("--num-samples", type=int, default=256, help="examples for the gradient estimate")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lr-lora-ga", type=float, default=DEFAULT_LR["lora-ga"])
-    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
+    p.add_argument("--lr-lora-ga", type=float, default=None, help="default: the benchmark's choice for --model")
+    p.add_argument("--lr-lora", type=float, default=None, help="default: the benchmark's choice for --model")
     p.add_argument("--workers", type=int, default=1, help="gradient and training workers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
@@ -51,6 +53,11 @@ def _defaults(args) -> None:
         args.data = "demo-arithmetic" if args.model == "demo-smollm2" else "demo-rotten-tomatoes"
     if args.max_steps is None:
         args.max_steps = 200 if args.model == "demo-minilm" else 100
+    lrs = DEFAULT_LR.get(args.model, DEFAULT_LR["demo-minilm"])
+    if args.lr_lora_ga is None:
+        args.lr_lora_ga = lrs["lora-ga"]
+    if args.lr_lora is None:
+        args.lr_lora = lrs["lora"]
 
 
 def run(args) -> int:
