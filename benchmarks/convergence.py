@@ -454,8 +454,10 @@ def main(argv=None) -> int:
         suffix = "_gpu"
         for key, over in GPU_SETTINGS.items():
             EXPERIMENTS[key].update(over)
-    if args.smoke:
-        RESULTS = Path(args.work).resolve() / "smoke-results"
+    work = Path(args.work).resolve()
+    if args.smoke:  # its own folders: never resumes, or overwrites, the real searches and results
+        work = work / "smoke"
+        RESULTS = work / "results"
         for exp in EXPERIMENTS.values():
             exp.update(max_steps=8, eval_every=4, eval_samples=32, test_limit=48, lr_grid=[1e-4, 1e-3], seeds=[0, 1],
                        methods=["lora", "peft-lora-ga", "lora-ga"], ablations=True)
@@ -469,7 +471,7 @@ def main(argv=None) -> int:
             prev_file = RESULTS / "convergence" / f"{name + suffix}.json"
             prev = json.loads(prev_file.read_text()).get("timings", {}) if prev_file.exists() else {}
             sessions = prev.get("sessions_s") or ([prev["total_s"]] if "total_s" in prev else [])
-            record = run_experiment(name + suffix, EXPERIMENTS[name], Path(args.work).resolve())
+            record = run_experiment(name + suffix, EXPERIMENTS[name], work)
             gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""
             record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
             # a resumed run adds to the earlier sessions' time: total_s is what the whole benchmark cost
