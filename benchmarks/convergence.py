@@ -287,6 +287,7 @@ def report(name: str) -> str:
     total = st["max_steps"]
     summary = summarise(record)
     minutes = record.get("timings", {}).get("total_s")
+    sessions = record.get("timings", {}).get("sessions_s") or []
     lines = [f"# Convergence: {st['model']} on {st['data']}",
              "",
              f"r={record['rank']}, alpha={record['alpha']}, all attention and MLP Linears, {total} steps of "
@@ -296,7 +297,8 @@ def report(name: str) -> str:
              f"), seeds {st['seeds']}; test split"
              f"{'' if not st.get('test_limit') else ' (first ' + str(st['test_limit']) + ' examples)'}. "
              f"Machine: {record.get('machine', '?')}"
-             f"{'' if minutes is None else f'; this experiment took {minutes / 60:.1f} min'}.",
+             f"{'' if minutes is None else f'; this experiment took {minutes / 60:.1f} min'}"
+             f"{'' if len(sessions) < 2 else ' in ' + str(len(sessions)) + ' sessions (' + ' + '.join(f'{x / 60:.1f}' for x in sessions) + ' min; later ones resumed the earlier)'}.",
              "",
              f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | "
              "steps to LoRA's final train loss (mean) | fraction of LoRA's steps |",
@@ -325,6 +327,15 @@ def report(name: str) -> str:
             vals = {float(g["lr"]): g["val"] for g in grid}
             lines.append(f"| {method} | " + " | ".join(
                 "" if vals.get(lr) is None else f"{vals[lr]:.3f}" for lr in st["lr_grid"]) + " |")
+    if record.get("edge_partial"):  # edge-rule trials of an unfinished run: seed 0 only, not in the main table
+        lora0 = next((r["final_train_loss"] for r in summary.get("lora", {}).get("runs", []) if r["config"]["seed"] == 0), None)
+        lines += ["", record.get("note", ""), "", "Edge-rule trials that finished (seed 0 only; not in the table above):", "",
+                  f"| method | lr | validation {metric.replace('test_', '').replace('_', ' ')} | {metric.replace('_', ' ')} | "
+                  "final train loss | steps to LoRA's final train loss (seed 0) |", "|---|---|---|---|---|---|"]
+        for r in record["edge_partial"]:
+            steps = _steps_to(r["history"], lora0) if lora0 is not None else None
+            lines.append(f"| {r['config']['init']} | {r['config']['lr']:g} | {r['val'].get(metric.replace('test_', 'eval_')):.3f} | "
+                         f"{r['test'][metric]:.3f} | {r['final_train_loss']:.3f} | {steps if steps is not None else 'not within ' + str(total)} |")
     text = "\n".join(lines) + "\n"
     (RESULTS / f"convergence_{name}.md").write_text(text)
     _plots(name, record, summary, metric)
