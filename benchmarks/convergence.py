@@ -246,6 +246,10 @@ LABELS = {"full": "full fine-tuning", "lora": "LoRA", "pissa": "PiSSA", "peft-lo
           "lora-ga scale=unit": "LoRA-GA, no stable scale"}
 
 
+COLORS = {"full": "tab:blue", "lora": "tab:orange", "pissa": "tab:green", "peft-lora-ga": "tab:red",
+          "lora-ga": "tab:purple", "lora-ga r=32": "tab:brown", "lora-ga scale=unit": "tab:pink"}  # same in every plot
+
+
 def summarise(record: dict) -> dict:
     """Per method: test metric mean/std over seeds, final train loss, and the steps each seed's
     training loss (10-step moving mean) needs to reach plain LoRA's final training loss under the
@@ -402,7 +406,7 @@ def _loss_axes(ax, record, summary, main_only=False):
         n = min(len(c[1]) for c in curves)
         steps = curves[0][0][:n]
         ys = np.stack([c[1][:n] for c in curves])
-        line, = ax.plot(steps, ys.mean(0), lw=1.8 if method == "lora-ga" else 1.3,
+        line, = ax.plot(steps, ys.mean(0), lw=1.8 if method == "lora-ga" else 1.3, color=COLORS.get(method),
                         ls="--" if "r=" in method or "unit" in method else "-",
                         label=f"{LABELS.get(method, method).strip('*')} (lr {s['lr']:g})")
         if len(curves) > 1:
