@@ -250,6 +250,11 @@ COLORS = {"full": "tab:blue", "lora": "tab:orange", "pissa": "tab:green", "peft-
           "lora-ga": "tab:purple", "lora-ga r=32": "tab:brown", "lora-ga scale=unit": "tab:pink"}  # same in every plot
 
 
+def _final_by_seed(runs: list) -> dict:
+    """seed -> final training loss (10-step mean) of these runs."""
+    return {r["config"]["seed"]: r["final_train_loss"] for r in runs}
+
+
 def summarise(record: dict) -> dict:
     """Per method: test metric mean/std over seeds, final train loss, and the steps each seed's
     training loss (10-step moving mean) needs to reach plain LoRA's final training loss under the
@@ -258,17 +263,19 @@ def summarise(record: dict) -> dict:
     by: dict[str, list] = {}
     for run in record["runs"]:
         by.setdefault(run["config"]["init"], []).append(run)
-    lora_final = {r["config"]["seed"]: r["final_train_loss"] for r in by.get("lora", [])}
+    lora_final = _final_by_seed(by.get("lora", []))
     out = {}
     for method, runs in by.items():
         vals = [r["test"][metric] for r in runs]
-        reach = [(_steps_to(r["history"], lora_final[r["config"]["seed"]]))
-                 for r in runs if r["config"]["seed"] in lora_final]
+        reach_by_seed = {r["config"]["seed"]: _steps_to(r["history"], lora_final[r["config"]["seed"]])
+                         for r in runs if r["config"]["seed"] in lora_final}
+        reach = list(reach_by_seed.values())
         hit = [s for s in reach if s is not None]
         out[method] = dict(lr=runs[0]["config"]["lr"], mean=statistics.mean(vals),
                            std=statistics.stdev(vals) if len(vals) > 1 else 0.0, n=len(vals),
                            final_loss=statistics.mean(r["final_train_loss"] for r in runs),
-                           reach=reach, reach_mean=statistics.mean(hit) if hit else None, reached=len(hit),
+                           reach=reach, reach_by_seed=reach_by_seed,
+                           reach_mean=statistics.mean(hit) if hit else None, reached=len(hit),
                            seeds=sorted(r["config"]["seed"] for r in runs), runs=runs)
     return out
 
@@ -316,12 +323,9 @@ def report(name: str) -> str:
               "|---|" + "---|" * len(st["seeds"])]
     for method, s in summary.items():
         cells = {}
-        lora_seeds = {r["config"]["seed"] for r in summary.get("lora", {}).get("runs", [])}
         for r in s["runs"]:
-            sd = r["config"]["seed"]
-            steps = _steps_to(r["history"], next(x["final_train_loss"] for x in summary["lora"]["runs"]
-                                                   if x["config"]["seed"] == sd)) if sd in lora_seeds else None
-            cells[sd] = f"{r['test'][metric]:.3f}; {steps if steps is not None else '-'}"
+            steps = s["reach_by_seed"].get(r["config"]["seed"])
+            cells[r["config"]["seed"]] = f"{r['test'][metric]:.3f}; {steps if steps is not None else '-'}"
         lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in st["seeds"]) + " |")
     if "lr_grid" in record:
         lines += ["", "Learning-rate selection (seed 0, validation split):", "",
@@ -332,7 +336,7 @@ def report(name: str) -> str:
             lines.append(f"| {method} | " + " | ".join(
                 "" if vals.get(lr) is None else f"{vals[lr]:.3f}" for lr in st["lr_grid"]) + " |")
     if record.get("edge_partial"):  # edge-rule trials of an unfinished run: seed 0 only, not in the main table
-        lora0 = next((r["final_train_loss"] for r in summary.get("lora", {}).get("runs", []) if r["config"]["seed"] == 0), None)
+        lora0 = _final_by_seed(summary.get("lora", {}).get("runs", [])).get(0)
         lines += ["", record.get("note", ""), "", "Edge-rule trials that finished (seed 0 only; not in the table above):", "",
                   f"| method | lr | validation {metric.replace('test_', '').replace('_', ' ')} | {metric.replace('_', ' ')} | "
                   "final train loss | steps to LoRA's final train loss (seed 0) |", "|---|---|---|---|---|---|"]
