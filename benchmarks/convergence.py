@@ -80,8 +80,8 @@ def _space_file(folder: Path, values: dict) -> str:
 
 
 def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, seed: int = 0, **over):
-    from loraga_ray.train import TrainOptions
-    from loraga_ray.tune import SearchOptions, search
+    from loraga_ray.options import TrainOptions
+    from loraga_ray.jobs.search import SearchOptions, search
 
     base = TrainOptions(
         model=exp["model"], data=exp["data"], out=str(out), init=init, artifact=artifact if init == "lora-ga" else None,
@@ -96,7 +96,8 @@ def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, 
 
 
 def _trial_record(exp: dict, trial_out: Path, row: dict, task_metric: str) -> dict:
-    from loraga_ray.evaluation import evaluate_split, final_train_loss, load_finished
+    from loraga_ray.curves import final_train_loss
+    from loraga_ray.training.evaluate import evaluate_split, load_finished
 
     metrics = json.loads((trial_out / "metrics.json").read_text())
     history = metrics["history"]
@@ -152,8 +153,8 @@ def _choose(done: list, val_metric: str):
 
 
 def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
-    from loraga_ray.cluster import connect
-    from loraga_ray.distributed import InitOptions, run_init
+    from loraga_ray.jobs.cluster import connect
+    from loraga_ray import InitOptions, run_init
     from loraga_ray.models import resolve_model
 
     connect(None, num_cpus=8, quiet=True)
@@ -236,7 +237,7 @@ def _save(name: str, record: dict) -> None:
 
 
 def _steps_to(history, target, window=10):
-    from loraga_ray.evaluation import steps_to_reach
+    from loraga_ray.curves import steps_to_reach
 
     return steps_to_reach(history, target, window)
 
@@ -398,7 +399,7 @@ def _loss_axes(ax, record, summary, main_only=False):
     final loss as a dotted line."""
     import numpy as np
 
-    from loraga_ray.evaluation import moving_mean
+    from loraga_ray.curves import moving_mean
 
     for method, s in summary.items():
         if main_only and ("r=" in method or "unit" in method):

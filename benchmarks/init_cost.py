@@ -23,27 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, parser, peak_rss_mb, rss_mb, run_interleaved  # noqa: E402
+
 VARIANTS = ("limit", "train_step", "ours", "peft")
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _prepare(args):
@@ -79,7 +67,7 @@ def run_one(args) -> dict:
     names = find_target_modules(model)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     n_examples = sum(int(b["input_ids"].shape[0]) for b in batches)
-    base_rss = _current_rss_mb()
+    base_rss = rss_mb()
     out = {"variant": args.variant, "examples": n_examples, "tokens": n_tokens, "targets": len(names)}
     t0 = time.perf_counter()
     if args.variant == "limit":
@@ -126,7 +114,7 @@ def run_one(args) -> dict:
     else:
         raise ValueError(args.variant)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = _rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     out["base_rss_mb"] = base_rss
     out["examples_per_s"] = n_examples / out.get("gradient_s", out["seconds"])
     out["tokens_per_s"] = n_tokens / out.get("gradient_s", out["seconds"])
@@ -202,45 +190,28 @@ def _plot(by: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo-minilm")
-    ap.add_argument("--data", default="demo-rotten-tomatoes")
-    ap.add_argument("--num-samples", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=8)
+    ap = parser(__doc__)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = ap.parse_args(argv)
     if args.variant:
         print(json.dumps(run_one(args)))
         return 0
-    rows = []
-    base = [sys.executable, __file__] + [a for a in (argv if argv is not None else sys.argv[1:])]
-    for rep in range(args.repeats):
-        for v in args.variants.split(","):
-            proc = subprocess.run(base + ["--variant", v], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"variant {v} failed")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["repeat"] = rep
-            rows.append(row)
-            print(f"[{rep + 1}/{args.repeats}] {v:10s} {row['seconds']:6.2f} s  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    rows = run_interleaved(__file__, argv, "--variant", args.variants.split(","), args.repeats,
+                           lambda r: f"{r['seconds']:6.2f} s  peak {r['peak_rss_mb']:.0f} MB")
     by = _summarise(rows)
     import torch
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine_text = f"{machine()}, {torch.get_num_threads()} threads"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "init_cost.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "variant"},
-                                                    "machine": machine, "rows": rows, "medians": by}, indent=2))
-    table = _table(by, args, machine)
+                                                    "machine": machine_text, "rows": rows, "medians": by}, indent=2))
+    table = _table(by, args, machine_text)
     (out / "init_cost.md").write_text(table)
     _plot(by, out / "init_cost.png")
     print(table)

@@ -1,6 +1,6 @@
 """The distributed init pipeline: 1 vs N gradient workers, stage times and driver memory.
 
-Each run is a fresh process (`loraga_ray.distributed.run_init` on an embedded local Ray). After a
+Each run is a fresh process (`loraga_ray.jobs.init.run_init` on an embedded local Ray). After a
 small warm-up run in the same process (so one-off imports and caches are already in the baseline),
 the driver's resident memory is sampled every 5 ms from just before the run until it returns, so the
 peak *above the driver's baseline* can be set against the model's largest target layer (the
@@ -17,22 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, medians, parser, rss_mb, run_interleaved  # noqa: E402
 
 
 def run_one(args) -> dict:
@@ -40,10 +31,10 @@ def run_one(args) -> dict:
 
     import torch  # noqa: F401  (imported before the baseline is taken, as the run needs it)
 
-    from loraga_ray.cluster import connect
-    from loraga_ray.distributed import InitOptions, run_init
+    from loraga_ray.jobs.cluster import connect
+    from loraga_ray import InitOptions, run_init
     from loraga_ray.models import load_model, resolve_model
-    from loraga_ray.targets import find_target_modules, weight_shape
+    from loraga_ray.core.targets import find_target_modules, weight_shape
 
     # sizes of the target layers, from a model loaded and dropped before the baseline
     model = load_model(resolve_model(args.model))
@@ -60,13 +51,13 @@ def run_one(args) -> dict:
     import gc
 
     gc.collect()
-    base = _rss_mb()
+    base = rss_mb()
     peak = [base]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mb())
+            peak[0] = max(peak[0], rss_mb())
             time.sleep(0.005)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -86,47 +77,25 @@ def run_one(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo-minilm")
-    ap.add_argument("--data", default="demo-rotten-tomatoes")
-    ap.add_argument("--num-samples", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--max-rank", type=int, default=8)
+    ap = parser(__doc__, rank_flag="--max-rank")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--run-workers", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run_workers:
         print(json.dumps(run_one(args), default=str))
         return 0
-    rows = []
-    base_cmd = [sys.executable, __file__] + list(argv if argv is not None else sys.argv[1:])
-    for rep in range(args.repeats):
-        for w in [int(x) for x in args.workers.split(",")]:
-            proc = subprocess.run(base_cmd + ["--run-workers", str(w)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"workers={w} failed")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["repeat"] = rep
-            rows.append(row)
-            print(f"[{rep + 1}/{args.repeats}] workers={w}: wall {row['wall_s']:.1f}s gradient {row['gradient_s']:.1f}s "
-                  f"driver +{row['driver_above_base_mb']:.1f} MB", flush=True)
-    med = {}
-    for w in sorted({r["workers"] for r in rows}):
-        rs = [r for r in rows if r["workers"] == w]
-        m = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-        med[w] = {k: m(k) for k in ("wall_s", "read_s", "start_s", "gradient_s", "reduce_s", "svd_s", "write_s",
-                                    "tokens_per_s", "bytes_moved", "reduce_peak_mb", "driver_above_base_mb")}
+    argv = list(argv if argv is not None else sys.argv[1:])
+    rows = run_interleaved(__file__, argv, "--run-workers", [int(x) for x in args.workers.split(",")], args.repeats,
+                           lambda r: f"wall {r['wall_s']:.1f}s gradient {r['gradient_s']:.1f}s "
+                                     f"driver +{r['driver_above_base_mb']:.1f} MB")
+    med = medians(rows, "workers", ("wall_s", "read_s", "start_s", "gradient_s", "reduce_s", "svd_s", "write_s",
+                                    "tokens_per_s", "bytes_moved", "reduce_peak_mb", "driver_above_base_mb"))
+    med = dict(sorted(med.items()))
     r0 = rows[0]
-    import torch
-
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    machine_text = machine()
     lines = [f"# Distributed init: {args.model}, {args.num_samples} samples in batches of {args.batch_size}, max length "
              f"{args.max_length}, max rank {args.max_rank}, CPU workers", "",
-             f"Machine: {machine}. Medians of {args.repeats} interleaved repeats, each a fresh process with an embedded Ray.",
+             f"Machine: {machine_text}. Medians of {args.repeats} interleaved repeats, each a fresh process with an embedded Ray.",
              f"Command: `python benchmarks/init_distributed.py --workers {args.workers} --repeats {args.repeats}`", "",
              f"Target layers: {r0['num_target_layers']}, all target weights {r0['all_targets_mb']:.1f} MB float32, "
              f"largest layer {r0['largest_layer_mb']:.2f} MB (ratio {r0['all_targets_mb'] / r0['largest_layer_mb']:.0f}x).", "",
@@ -146,7 +115,7 @@ def main(argv=None) -> int:
                      f"{med[ws[0]]['gradient_s'] / med[ws[-1]]['gradient_s']:.2f}x (2 physical cores shared by all workers).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "init_distributed.json").write_text(json.dumps({"machine": machine, "rows": rows, "medians": med}, indent=1, default=str))
+    (out / "init_distributed.json").write_text(json.dumps({"machine": machine_text, "rows": rows, "medians": med}, indent=1, default=str))
     (out / "init_distributed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -209,6 +209,15 @@ def _pretrained_kwargs(spec: ModelSpec) -> dict:
     return kwargs
 
 
+def _pad_token_id(config) -> int | None:
+    """The config's pad token id, else its (first) eos token id."""
+    pad = config.pad_token_id
+    if pad is None:
+        eos = config.eos_token_id
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return pad
+
+
 def load_tokenizer(spec_or_name: ModelSpec | str, *, task: str | None = None):
     """Load the model's tokenizer: pad token set (eos if it had none), right padding."""
     from transformers import AutoTokenizer
@@ -246,10 +255,7 @@ def load_model(
     spec = _as_spec(spec_or_name, task)
     kwargs = _pretrained_kwargs(spec)
     config = AutoConfig.from_pretrained(spec.path, **kwargs)
-    pad_token_id = config.pad_token_id
-    if pad_token_id is None:
-        eos = config.eos_token_id
-        pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad_token_id = _pad_token_id(config)
     if pad_token_id is None:
         pad_token_id = load_tokenizer(spec).pad_token_id
 
@@ -264,3 +270,32 @@ def load_model(
         model.config.pad_token_id = pad_token_id
     model.eval()
     return model
+
+
+# Sequence-classification heads that a pretrained encoder does not have: new, randomly
+# initialised, and trained in full (PEFT's modules_to_save).
+HEAD_MODULES = ("classifier", "score")
+
+
+def meta_model(spec_or_name: ModelSpec | str, *, task: str | None = None, num_labels: int = 2) -> torch.nn.Module:
+    """The model's architecture without weights (torch 'meta' device): layer names and shapes
+    for checks, at no memory cost. Only the config is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    spec = _as_spec(spec_or_name, task)
+    config = AutoConfig.from_pretrained(spec.path, **_pretrained_kwargs(spec))
+    with torch.device("meta"):
+        if spec.task == "seq-cls":
+            config.num_labels = num_labels
+            if config.pad_token_id is None:
+                config.pad_token_id = _pad_token_id(config)
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def new_head_modules(model: torch.nn.Module, task: str) -> list[str]:
+    """The names of ``model``'s new classification heads (empty for causal LMs)."""
+    if task != "seq-cls":
+        return []
+    names = {n for n, _ in model.named_modules()}
+    return [h for h in HEAD_MODULES if h in names]

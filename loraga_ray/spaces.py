@@ -9,7 +9,7 @@ A space file maps a training option to either a constant or one distribution::
     gamma: {uniform: [4, 64]}            # sampled uniformly, low < high
     direction: ArB2r                     # a constant
 
-Keys are the options of :class:`loraga_ray.train.TrainOptions` that a search may vary (see
+Keys are the options of :class:`loraga_ray.options.TrainOptions` that a search may vary (see
 :data:`KEYS`). ``grid`` multiplies: Tune runs every grid combination ``--num-samples`` times.
 Integer and name keys (rank, batch_size, init, direction, scale, use_rslora) take constants,
 ``choice`` or ``grid`` only. Every mistake is a :class:`SpaceError` that names the key.
@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from .factors import DIRECTIONS, SCALES
+from .core.factors import DIRECTIONS, SCALES
+from .options import INITS
 
-INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
 DISTRIBUTIONS = ("choice", "grid", "loguniform", "uniform")
 DISCRETE = ("choice", "grid")
 
@@ -134,8 +134,6 @@ class SearchSpace:
         """A YAML/JSON-able copy, as it would be written in a space file."""
         return {k: p.to_yaml() for k, p in self.params.items()}
 
-    def describe(self) -> str:
-        return ", ".join(f"{k}={p.to_yaml()}" for k, p in self.params.items())
 
 
 def _fail(source: str, key: str, message: str) -> SpaceError:

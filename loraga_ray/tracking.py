@@ -11,7 +11,6 @@ Look at a local store with::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -54,20 +53,11 @@ def default_artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
-@contextlib.contextmanager
 def _quick_http():
     """Fail fast while probing a server: MLflow's defaults retry for minutes."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from .envvars import environment
+
+    return environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 def open_experiment(uri: str, experiment: str = "loraga-ray"):
@@ -242,17 +232,18 @@ def log_artifacts(uri: str, run_id: str, path: str | os.PathLike, artifact_path:
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_init_artifact(uri: str, run_id: str, artifact_dir: str | os.PathLike, plot_dir: str | os.PathLike) -> None:
+def log_init_artifact(uri: str, run_id: str, artifact, plot_dir: str | os.PathLike) -> Path:
     """Record the LoRA-GA init: its settings as ``init_*`` params, its timings as ``init_*_s``
-    metrics, and meta.json plus a PNG of the top singular values per layer as artifacts."""
+    metrics, and its meta.json plus a PNG of the top singular values per layer as artifacts.
+    ``artifact`` is the loaded :class:`~loraga_ray.core.artifact.InitArtifact` (or its folder);
+    the PNG is written to ``plot_dir`` and its path returned."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    from .artifact import META_FILE, InitArtifact
+    from .core.artifact import META_FILE, InitArtifact
     from .plots import plot_singular_values
 
-    artifact_dir = Path(artifact_dir)
-    art = InitArtifact.load(artifact_dir)
+    art = artifact if isinstance(artifact, InitArtifact) else InitArtifact.load(artifact)
     meta = art.meta
     client = MlflowClient(tracking_uri=uri)
     existing = client.get_run(run_id).data.params
@@ -272,10 +263,11 @@ def log_init_artifact(uri: str, run_id: str, artifact_dir: str | os.PathLike, pl
     timings = numeric_metrics(timings)
     if timings:
         log_metrics(client, run_id, timings, step=0)
-    client.log_artifact(run_id, str(artifact_dir / META_FILE), "init")
+    client.log_dict(run_id, meta, f"init/{META_FILE}")
     png = Path(plot_dir) / "singular_values.png"
     plot_singular_values(art.singular_values(), png, title=f"gradient singular values ({meta.get('base_model')})")
     client.log_artifact(run_id, str(png), "init")
+    return png
 
 
 def read_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -4,7 +4,7 @@ The same options as ``loraga-ray init``. Submit it from the repository root::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python pipelines/init_lora_ga.py --model demo-minilm --data demo-rotten-tomatoes \\
-        --num-samples 256 --batch-size 8 --max-rank 32 --workers 2 --gpus-per-worker 1 \\
+        --init-samples 256 --batch-size 8 --max-rank 32 --workers 2 --gpus-per-worker 1 \\
         --out s3://my-bucket/loraga/minilm-init
 
 or run it locally (an embedded Ray starts): ``python pipelines/init_lora_ga.py ...``. Under

@@ -4,7 +4,7 @@ The same options as ``loraga-ray tune``. Submit it as a Ray job from the reposit
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python pipelines/search.py --model demo-minilm --data demo-rotten-tomatoes \\
-        --space tune_spaces/rank.yaml --num-samples 2 --max-concurrent 2 --out /shared/runs/rank-search
+        --space tune_spaces/rank.yaml --tune-samples 2 --max-concurrent 2 --out /shared/runs/rank-search
 
 or run it locally (an embedded Ray starts): ``python pipelines/search.py ...``. Under
 ``ray job submit`` the script joins the job's cluster (RAY_ADDRESS). ``--out`` must be on storage

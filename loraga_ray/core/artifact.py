@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fsutil import atomic_folder
+from .files import atomic_folder
 from .targets import is_transposed
 
 FORMAT = "loraga-ray-init"

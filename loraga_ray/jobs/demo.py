@@ -11,12 +11,13 @@ The defaults (demo-minilm on demo-rotten-tomatoes) take about ten minutes on a 2
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
+
+from ..core.files import write_json
+from ..options import DemoOptions, InitOptions, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -27,60 +28,37 @@ DEFAULT_LR = {"demo-minilm": {"lora-ga": 1e-4, "lora": 1e-3},
               "demo-smollm2": {"lora-ga": 3e-5, "lora": 1e-3}}  # lora-ga: the 3e-5 edge trial won on validation
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo-minilm", help="demo-minilm, demo-smollm2 or a local HF folder (default: %(default)s)")
-    p.add_argument("--data", default=None, help="default: demo-rotten-tomatoes for demo-minilm, demo-arithmetic for demo-smollm2")
-    p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--max-steps", type=int, default=None, help="training steps per method (default: 200 for minilm, 100 otherwise)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-samples", type=int, default=256, help="validation examples evaluated during training")
-    p.add_argument("--test-samples", type=int, default=None, help="cap on test examples (default: all for classification, 200 for generation)")
-    p.add_argument("--num-samples", type=int, default=256, help="examples for the gradient estimate")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lr-lora-ga", type=float, default=None, help="default: the benchmark's choice for --model")
-    p.add_argument("--lr-lora", type=float, default=None, help="default: the benchmark's choice for --model")
-    p.add_argument("--workers", type=int, default=1, help="gradient and training workers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
+def resolve_defaults(opts: DemoOptions) -> DemoOptions:
+    """The demo model's data, length and learning rates where ``opts`` leaves them unset."""
+    lrs = DEFAULT_LR.get(opts.model, DEFAULT_LR["demo-minilm"])
+    return dataclasses.replace(
+        opts,
+        data=opts.data or ("demo-arithmetic" if opts.model == "demo-smollm2" else "demo-rotten-tomatoes"),
+        max_steps=opts.max_steps or (200 if opts.model == "demo-minilm" else 100),
+        lr_lora_ga=opts.lr_lora_ga or lrs["lora-ga"],
+        lr_lora=opts.lr_lora or lrs["lora"],
+    )
 
 
-def _defaults(args) -> None:
-    if args.data is None:
-        args.data = "demo-arithmetic" if args.model == "demo-smollm2" else "demo-rotten-tomatoes"
-    if args.max_steps is None:
-        args.max_steps = 200 if args.model == "demo-minilm" else 100
-    lrs = DEFAULT_LR.get(args.model, DEFAULT_LR["demo-minilm"])
-    if args.lr_lora_ga is None:
-        args.lr_lora_ga = lrs["lora-ga"]
-    if args.lr_lora is None:
-        args.lr_lora = lrs["lora"]
-
-
-def run(args) -> int:
+def run_demo(opts: DemoOptions) -> int:
+    from ..curves import final_train_loss, steps_to_reach
+    from ..models import resolve_model
+    from ..plots import plot_method_curves
+    from ..tracking import default_tracking_uri
+    from ..training.evaluate import evaluate_split, load_finished
     from .cluster import connect
-    from .distributed import InitOptions, run_init
-    from .evaluation import evaluate_split, final_train_loss, load_finished, steps_to_reach
-    from .models import resolve_model
-    from .train import TrainOptions, fit
+    from .init import run_init
+    from .train import fit
 
-    _defaults(args)
+    args = resolve_defaults(opts)
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = resolve_model(args.model)  # a clear error (with the pip command) before Ray starts
-    local = not (args.address or os.environ.get("RAY_ADDRESS"))
-    connect(args.address, num_cpus=max(8, os.cpu_count() or 1) if local else None, quiet=True)
-    tracking_uri = args.tracking_uri
-    if tracking_uri is None:
-        from .tracking import default_tracking_uri
-
-        tracking_uri = default_tracking_uri(out)
+    connect(args.address, min_cpus=8, quiet=True)
+    tracking_uri = args.tracking_uri or default_tracking_uri(out)
 
     timings = {}
-    print(f"[demo] 1/4 LoRA-GA gradient estimate: {args.num_samples} samples of {args.data}, {args.workers} worker(s)", flush=True)
+    print(f"[demo] 1/4 LoRA-GA gradient estimate: {args.init_samples} samples of {args.data}, {args.workers} worker(s)", flush=True)
     t0 = time.time()
     init_dir = out / "init"
     if (init_dir / "meta.json").exists():
@@ -88,7 +66,7 @@ def run(args) -> int:
         init_summary = {"reused": True}
     else:
         _, init_summary = run_init(InitOptions(
-            model=args.model, data=args.data, out=str(init_dir), num_samples=args.num_samples, batch_size=8,
+            model=args.model, data=args.data, out=str(init_dir), num_samples=args.init_samples, batch_size=8,
             max_rank=args.rank, workers=args.workers, seed=args.seed, max_length=args.max_length, address=args.address))
     timings["init_s"] = time.time() - t0
 
@@ -126,11 +104,10 @@ def run(args) -> int:
     table = _table(rows, metric, target, args)
     print(table, flush=True)
     (out / "summary.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "init": init_summary, "timings": timings,
-                                                  "tracking_uri": tracking_uri,
-                                                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}},
-                                                 indent=2, default=str))
-    _plot(results, target, out / "loss_curves.png", args)
+    write_json(out / "summary.json", {"rows": rows, "init": init_summary, "timings": timings,
+                                      "tracking_uri": tracking_uri, "args": dataclasses.asdict(args)})
+    plot_method_curves({m: r["train"]["history"] for m, r in results.items()}, out / "loss_curves.png", target=target,
+                       title=f"LoRA-GA vs LoRA: {args.model} on {args.data}")
     print(f"[demo] loss curves: {out / 'loss_curves.png'}\n[demo] MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1", flush=True)
     return 0
 
@@ -145,31 +122,3 @@ def _table(rows, metric, target, args) -> str:
         lines.append(f"| {r['method']} | {r['lr']:g} | {r[metric]:.3f} | {r['test_loss']:.3f} | "
                      f"{r['final_train_loss']:.3f} | {reach} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def _plot(results, target, path: Path, args) -> None:
-    from .evaluation import moving_mean
-    from .plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    colors = {"lora-ga": "tab:blue", "lora": "tab:orange"}
-    for method, r in results.items():
-        hist = r["train"]["history"]
-        steps = [h["step"] for h in hist if h.get("train_loss") is not None]
-        losses = [h["train_loss"] for h in hist if h.get("train_loss") is not None]
-        smooth = moving_mean(losses, 10)
-        ax.plot(steps, losses, color=colors[method], alpha=0.25, lw=0.8)
-        ax.plot(steps, smooth, color=colors[method], lw=1.8, label=f"{method} train loss (10-step mean)")
-        ev = [(h["step"], h["eval_loss"]) for h in hist if h.get("eval_loss") is not None]
-        if ev:
-            ax.plot(*zip(*ev), color=colors[method], ls="--", marker="o", ms=3, lw=1, label=f"{method} eval loss")
-    ax.axhline(target, color="gray", ls=":", lw=1, label="LoRA's final train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"LoRA-GA vs LoRA: {args.model} on {args.data}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

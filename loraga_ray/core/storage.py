@@ -1,7 +1,7 @@
 """Where init artifacts live: a local folder, or a prefix in object storage (s3://, gs://, or
 anything else ``pyarrow.fs.FileSystem.from_uri`` understands).
 
-An artifact is a folder of two files (see :mod:`loraga_ray.artifact`). Writes never leave a
+An artifact is a folder of two files (see :mod:`loraga_ray.core.artifact`). Writes never leave a
 half-written artifact behind:
 
 * locally, :meth:`InitArtifact.save` fills a temporary sibling folder and renames it into place;

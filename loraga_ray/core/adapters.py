@@ -24,8 +24,8 @@ from torch import nn
 
 from .artifact import ArtifactError, InitArtifact
 from .factors import DIRECTIONS, SCALES, lora_ga_factors
-from .fsutil import atomic_folder
-from .targets import check_not_quantised, is_transposed, weight_shape
+from .files import atomic_folder
+from .targets import check_not_quantised, check_rank_limit, is_transposed
 
 INIT_STATE_FILE = "loraga_init.safetensors"
 INIT_META_FILE = "loraga_init.json"
@@ -118,12 +118,7 @@ def _check_args(artifact: InitArtifact, rank: int, alpha: float, direction: str,
             f"layer, enough for rank <= {artifact.max_rank}. Use rank <= {artifact.max_rank}, or re-estimate with "
             f"max_rank >= {rank} (the gradient estimate is the expensive part; one artifact serves all smaller ranks)."
         )
-    for name, (d_out, d_in) in artifact.meta["shapes"].items():
-        if 2 * rank > min(d_out, d_in):
-            raise ArtifactError(
-                f"rank={rank} is too large for layer {name!r} ({d_out}x{d_in}): LoRA-GA uses 2r directions, "
-                f"so rank <= {min(d_out, d_in) // 2}."
-            )
+    check_rank_limit(artifact.meta["shapes"], rank, label=f"rank={rank}")
 
 
 def apply_lora_ga(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -131,6 +131,31 @@ def is_linear_like(module: nn.Module) -> bool:
     return is_linear(module) or any(h in type(module).__name__ for h in _QUANTISED_CLASS_HINTS)
 
 
-def target_weights(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def target_shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each named target layer."""
     modules = dict(model.named_modules())
-    return {n: modules[n].weight for n in names}
+    return {n: weight_shape(modules[n]) for n in names}
+
+
+def check_rank_limit(shapes: Mapping[str, Sequence[int]], rank: int, *, directions: int = 2,
+                     label: str | None = None, fix: str | None = None) -> int:
+    """The one rank check: every target layer must take ``directions * rank`` directions
+    (LoRA-GA uses 2r gradient directions, so 2r <= min(d_out, d_in); plain LoRA and PiSSA need
+    r <= min(d_out, d_in)). Returns the largest rank that fits; raises :class:`TargetError`
+    naming the smallest layer and the limit. ``label`` says where the rank came from (a flag,
+    a search-space key); ``fix`` replaces the default advice."""
+    limit = min(min(int(d) for d in s) for s in shapes.values()) // directions
+    if rank <= limit:
+        return limit
+    name = min(shapes, key=lambda n: min(shapes[n]))
+    d_out, d_in = (int(d) for d in shapes[name])
+    too_small = sum(directions * rank > min(s) for s in shapes.values())
+    if directions == 2:
+        why, bound = f"LoRA-GA uses 2r = {2 * rank} gradient directions per layer", "min(d_out, d_in)/2"
+    else:
+        why, bound = f"a rank-r adapter needs r = {rank} <= min(d_out, d_in)", "min(d_out, d_in)"
+    raise TargetError(
+        f"{label or f'rank={rank}'} is too large: {why}, but layer {name!r} is {d_out}x{d_in} "
+        f"({too_small} of {len(shapes)} target layer(s) too small), so r <= {bound} = {limit}. "
+        + (fix or "Lower the rank, or leave the small layers out of the target modules.")
+    )

@@ -1,0 +1,26 @@
+"""Arithmetic on training curves (lists of per-step metric dicts): trailing means, the final
+training loss, and the step at which a curve first reaches a given loss."""
+
+from __future__ import annotations
+
+
+def steps_to_reach(history, target: float, window: int = 10) -> int | None:
+    """First step at which the moving average (``window`` steps) of the training loss is at or
+    below ``target``; None if it never gets there. The first ``window - 1`` steps (fewer for a
+    shorter curve) do not count: their mean is over too few steps."""
+    points = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
+    means = moving_mean([v for _, v in points], window)
+    first = min(window, len(points)) - 1
+    return next((points[i][0] for i in range(first, len(points)) if means[i] <= target), None)
+
+
+def moving_mean(values, window: int = 10) -> list[float]:
+    """Trailing mean over up to ``window`` values."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def final_train_loss(history, window: int = 10) -> float:
+    """Moving average of the last ``window`` training losses."""
+    losses = [h["train_loss"] for h in history if h.get("train_loss") is not None]
+    tail = losses[-window:]
+    return sum(tail) / len(tail)

@@ -1,0 +1,332 @@
+"""Reading one split of a dataset: a demo dataset or local files and folders (parquet, json lines
+/ json, csv, or a Hugging Face ``save_to_disk`` folder), with the task's canonical columns.
+
+Two tasks are supported, each with canonical column names:
+
+* ``seq-cls``: ``text`` (str) and ``label`` (int64 class id);
+* ``causal-lm``: ``prompt`` (str) and ``response`` (str); the loss covers the response only.
+
+:func:`split_sources` is the one place that decides which files make up a split; both
+:func:`load_split` (one process) and the Ray init pipeline (one read task per file) use it.
+This module never imports ray.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+IGNORE_INDEX = -100  # label value that the loss skips (the Hugging Face convention)
+TASKS = ("seq-cls", "causal-lm")
+SPLITS = ("train", "validation", "test")
+CANONICAL_COLUMNS = {"seq-cls": ("text", "label"), "causal-lm": ("prompt", "response")}
+
+
+class DatasetNotFoundError(ValueError):
+    """A dataset name or path that cannot be found locally (or a missing demo package)."""
+
+
+
+_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+_SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
+
+
+def _data_format(path: Path) -> str | None:
+    """'parquet', 'json' or 'csv' from a file name (json/csv may be compressed), else None."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return _FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _read_json(path: Path) -> pa.Table:
+    """JSON lines, or a JSON array of records."""
+    import pyarrow.json
+
+    with pa.input_stream(str(path), compression="detect") as stream:
+        head = stream.read(4096).lstrip()
+    if head.startswith(b"["):
+        with pa.input_stream(str(path), compression="detect") as stream:
+            records = json.loads(stream.read().decode("utf-8"))
+        return pa.Table.from_pylist(records)
+    return pyarrow.json.read_json(str(path))
+
+
+def _read_file(path: Path) -> pa.Table:
+    fmt = _data_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path)
+    if fmt == "json":
+        return _read_json(path)
+    if fmt == "csv":
+        import pyarrow.csv
+
+        return pyarrow.csv.read_csv(
+            path, parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True)
+        )
+    raise ValueError(
+        f"cannot read {path}: unknown file type; use .parquet, .jsonl, .json or .csv, "
+        f"or a folder saved with datasets' save_to_disk"
+    )
+
+
+def _concat(tables: list[pa.Table], where: Path) -> pa.Table:
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"the data files of {where} do not share one schema: {err}") from err
+
+
+def _read_saved_dataset(folder: Path) -> pa.Table:
+    """A Hugging Face ``Dataset.save_to_disk`` folder, read with pyarrow alone.
+
+    save_to_disk writes the (already index-flattened) rows as Arrow IPC stream files listed
+    in state.json, so reading those files gives exactly the saved dataset.
+    """
+    state = json.loads((folder / "state.json").read_text())
+    files = [folder / f["filename"] for f in state.get("_data_files", [])]
+    if not files:
+        files = sorted(folder.glob("*.arrow"))
+    if not files:
+        raise ValueError(f"{folder} looks like a saved Hugging Face dataset but has no .arrow files")
+    tables = []
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            try:
+                tables.append(pa.ipc.open_stream(source).read_all())
+            except pa.ArrowInvalid:
+                source.seek(0)
+                tables.append(pa.ipc.open_file(source).read_all())
+    return _concat(tables, folder)
+
+
+def _split_of(name: str) -> str | None:
+    """The split a file or folder name belongs to: 'train', 'train-00000-of-00002', 'dev' ..."""
+    stem = name.lower().split(".")[0]
+    for split, aliases in _SPLIT_ALIASES.items():
+        for alias in aliases:
+            if stem == alias or stem.startswith((alias + "-", alias + "_")):
+                return split
+    return None
+
+
+def read_whole(path: Path) -> pa.Table:
+    """Everything in a file or folder (data files, or a saved Dataset), as one table."""
+    if path.is_file():
+        return _read_file(path)
+    if (path / "state.json").is_file():
+        return _read_saved_dataset(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and _data_format(p))
+    if not files:
+        raise ValueError(
+            f"{path} holds no data files (.parquet, .jsonl, .json, .csv) and is not a folder "
+            f"saved with datasets' save_to_disk"
+        )
+    return _concat([_read_file(f) for f in files], path)
+
+
+def _local_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    if not path.exists():
+        from .demo import DEMO_DATASETS
+
+        raise DatasetNotFoundError(
+            f"dataset {name!r} is neither a demo dataset ({', '.join(DEMO_DATASETS)}) nor an "
+            f"existing local file or folder. Dataset hubs are not used: pass a local .parquet, "
+            f".jsonl, .json or .csv file, or a folder of them, or a save_to_disk folder"
+        )
+    return path
+
+
+def split_sources(name_or_path: str | Path, split: str = "train") -> list[Path]:
+    """The files and folders whose rows, read whole with :func:`read_whole` and concatenated in
+    this order, are ``split`` of the local dataset at ``name_or_path``; a clear error when the
+    layout has no such split. See :func:`load_split` for the layouts."""
+    path = _local_path(str(name_or_path))
+    canonical = _split_of(split) or split
+    only_train = (
+        f"so it is the 'train' split only; for a {split!r} split pass a folder with one file "
+        f"(or subfolder) per split, e.g. train.jsonl and {canonical}.jsonl"
+    )
+    if path.is_file():
+        if canonical != "train":
+            raise ValueError(f"{path} is a single file, {only_train}")
+        return [path]
+    if (path / "dataset_dict.json").is_file():  # datasets' DatasetDict.save_to_disk
+        names = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        matches = [n for n in names if (_split_of(n) or n) == canonical]
+        if not matches:
+            raise ValueError(f"{path} has no {split!r} split; its splits are: {', '.join(names)}")
+        return [path / matches[0]]
+    if (path / "state.json").is_file():  # a single saved Dataset
+        if canonical != "train":
+            raise ValueError(f"{path} is one saved Hugging Face Dataset, {only_train}")
+        return [path]
+
+    # Files and subfolders named after splits: train.jsonl, test-00000-of-00002.parquet, dev/ ...
+    entries = [p for p in sorted(path.iterdir()) if p.is_dir() or _data_format(p)]
+    by_split: dict[str, list[Path]] = {}
+    for entry in entries:
+        stem = entry.name.split(".")[0]
+        entry_split = _split_of(entry.name) or (stem if stem == canonical or entry.is_dir() else None)
+        if entry_split is not None:
+            by_split.setdefault(entry_split, []).append(entry)
+    if canonical in by_split:
+        return by_split[canonical]
+    files = [p for p in entries if p.is_file()]
+    if files and not any(s in SPLITS for s in by_split):
+        # No file is named after a split: all files together are the train split.
+        if canonical != "train":
+            raise ValueError(f"{path} has no files named after a split, {only_train}")
+        return files
+    found = ", ".join(sorted(by_split)) or "none"
+    raise ValueError(f"{path} has no {split!r} split; splits found: {found}")
+
+
+# --------------------------------------------------------------------------------------------
+# Column selection
+# --------------------------------------------------------------------------------------------
+
+
+def _infer_task(names: list[str], given: dict[str, str | None], source: str) -> str:
+    if given["prompt"] or given["response"]:
+        return "causal-lm"
+    if given["text"] or given["label"]:
+        return "seq-cls"
+    for task, columns in CANONICAL_COLUMNS.items():
+        if set(columns) <= set(names):
+            return task
+    raise ValueError(
+        f"cannot tell the task of {source}: it has neither text/label nor prompt/response "
+        f"columns (its columns are: {', '.join(names)}). Pass task='seq-cls' with "
+        f"text_column/label_column, or task='causal-lm' with prompt_column/response_column "
+        f"(--task and --text-column etc. on the command line)"
+    )
+
+
+def select_columns(table: pa.Table, source: str, task: str | None = None, *, text_column: str | None = None,
+                   label_column: str | None = None, prompt_column: str | None = None,
+                   response_column: str | None = None) -> pa.Table:
+    """The task's canonical columns of ``table`` (renamed from ``*_column`` when given), typed
+    and checked; rows with null values in them are dropped with a warning. ``source`` names the
+    data in error messages."""
+    given = {"text": text_column, "label": label_column, "prompt": prompt_column, "response": response_column}
+    names = table.column_names
+    task = task or _infer_task(names, given, source)
+    wanted = {role: given[role] or role for role in CANONICAL_COLUMNS[task]}
+    for role, column in wanted.items():
+        if column not in names:
+            raise ValueError(
+                f"{source} has no column {column!r} (needed as the {role} column for {task}); "
+                f"its columns are: {', '.join(names)}. Pass the right name with "
+                f"{role}_column=... (--{role}-column on the command line)"
+            )
+    table = table.select(list(wanted.values())).rename_columns(list(wanted))
+    table = table.replace_schema_metadata(None)
+
+    columns = []
+    for role in wanted:
+        column = table.column(role)
+        if role == "label":
+            if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)
+                    or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
+                raise ValueError(
+                    f"the label column {wanted[role]!r} of {source} holds {column.type}; labels "
+                    f"must be integer class ids 0..num_labels-1, so map them to integers first"
+                )
+            try:
+                column = pc.cast(column, pa.int64())
+            except pa.ArrowInvalid as err:
+                raise ValueError(
+                    f"the label column {wanted[role]!r} of {source} has non-integer values; "
+                    f"labels must be integer class ids 0..num_labels-1"
+                ) from err
+        elif not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            if not pa.types.is_null(column.type):
+                raise ValueError(
+                    f"the {role} column {wanted[role]!r} of {source} holds {column.type}, not text"
+                )
+            column = column.cast(pa.string())
+        columns.append(column)
+    table = pa.Table.from_arrays(columns, names=list(wanted))
+
+    keep = None
+    for role in wanted:
+        valid = pc.is_valid(table.column(role))
+        keep = valid if keep is None else pc.and_(keep, valid)
+    dropped = table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
+    if dropped:
+        warnings.warn(f"{source}: dropped {dropped} of {table.num_rows} rows with empty (null) values")
+        table = table.filter(keep)
+    return table
+
+
+def load_split(
+    name_or_path: str,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    task: str | None = None,
+) -> pa.Table:
+    """Load one split of a dataset as a table with the task's canonical columns.
+
+    ``name_or_path`` is a demo name (:data:`DEMO_DATASETS`) or a local path:
+
+    * a ``.parquet``, ``.jsonl``/``.json`` or ``.csv`` file: it is the "train" split;
+    * a folder with files or subfolders named after splits (``train.jsonl``,
+      ``validation.parquet``, ``test-00000-of-00002.parquet``, ``dev.csv``, ``train/`` ...);
+    * a folder of data files none of which is named after a split: together the "train" split;
+    * a folder written by datasets' ``Dataset.save_to_disk`` (train only) or
+      ``DatasetDict.save_to_disk`` (one split per subfolder).
+
+    The result has columns ``text``, ``label`` (int64) for seq-cls, or ``prompt``, ``response``
+    for causal-lm, renamed from ``*_column`` when given. The task is ``task`` if given, else
+    implied by the column options or by which canonical columns the data has. Rows with null
+    values in those columns are dropped with a warning.
+
+    ``seed`` is accepted for interface stability and currently unused: demo splits are fixed and
+    file splits come from the files.
+    """
+    del seed
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    columns = dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+                   response_column=response_column)
+    name = str(name_or_path)
+    from .demo import DEMO_DATA_SPECS, load_demo
+
+    if name in DEMO_DATA_SPECS:
+        demo_task = DEMO_DATA_SPECS[name].task
+        if task is not None and task != demo_task:
+            raise ValueError(f"{name} is a {demo_task} dataset, not {task}")
+        return select_columns(load_demo(name, split), f"{name} ({split})", demo_task, **columns)
+    sources = split_sources(name, split)
+    table = _concat([read_whole(p) for p in sources], _local_path(name))
+    return select_columns(table, f"{Path(name).expanduser()} ({split})", task, **columns)
+
+
+def infer_task(table: pa.Table) -> str:
+    """The task of a table returned by :func:`load_split`, from its columns."""
+    for task, columns in CANONICAL_COLUMNS.items():
+        if list(columns) == table.column_names:
+            return task
+    raise ValueError(f"a table with columns {table.column_names} is not one load_split returns")
+
+

@@ -1,0 +1,236 @@
+"""The init job's gradient workers: Ray actors that each hold the model and accumulate float32
+sums of the target gradients over their stream of the sample, and the driver-side steps that
+reserve and start them, run the stream with a progress bar, and check the counts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+
+from ..options import InitOptions
+from .cluster import ClusterError
+from .init_data import SAMPLE_INDEX, reraise_clean
+from .resources import WorkerResources
+
+POLL_S = 0.5  # how often the driver refreshes the progress bar
+
+
+class WorkerLostError(RuntimeError):
+    """A gradient worker died before it handed back its partial sums."""
+
+
+class GradientWorker:
+    """One gradient worker (a Ray actor): holds the model, streams batches, keeps float32 sums.
+
+    ``setup`` loads the model (so load errors come back as ordinary task errors), ``consume``
+    runs the stream, ``progress`` answers while ``consume`` runs (the actor has two threads),
+    ``layer`` hands back one layer's partial sum and forgets it.
+    """
+
+    def __init__(self, model: str, task: str, num_labels: int, seed: int, target_modules, max_rank: int,
+                 rank: int, dtype: str = "float32"):
+        self.model_name, self.task, self.num_labels, self.seed, self.dtype = model, task, num_labels, seed, dtype
+        self.target_modules, self.max_rank, self.rank = target_modules, max_rank, rank
+        self.examples = self.tokens = 0
+        self.sums = {}
+
+    def setup(self) -> dict:
+        import socket
+
+        import ray
+        import torch
+
+        from ..core.artifact import weight_fingerprint
+        from ..core.estimate import check_rank_fits
+        from ..models import load_model, load_tokenizer
+        from ..core.targets import find_target_modules
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(self.model_name, task=self.task, num_labels=self.num_labels, seed=self.seed,
+                                dtype=getattr(torch, self.dtype)).to(self.device)
+        self.pad_id = load_tokenizer(self.model_name, task=self.task).pad_token_id
+        self.names = find_target_modules(self.model, self.target_modules)
+        shapes = check_rank_fits(self.model, self.names, self.max_rank)
+        return {
+            "rank": self.rank,
+            "node": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "cpu_count": os.cpu_count() or 1,
+            "names": list(self.names),
+            "shapes": {n: list(s) for n, s in shapes.items()},
+            "fingerprint": weight_fingerprint(self.model, self.names),
+            "model_class": type(self.model).__name__,
+        }
+
+    def consume(self, stream, batch_size: int, threads: int) -> dict:
+        import torch
+
+        from ..data import collate
+        from ..core.gradients import GradientAccumulator
+
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        seen, batches = [], 0
+        with GradientAccumulator(self.model, self.names) as acc:
+            for batch in stream.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
+                tensors = collate({"input_ids": batch["input_ids"], "labels": batch["labels"]}, self.pad_id, self.task)
+                n_tokens = int(tensors["attention_mask"].sum())
+                acc.step({k: v.to(self.device, non_blocking=True) for k, v in tensors.items()})
+                seen.append(np.asarray(batch[SAMPLE_INDEX], dtype=np.int64))
+                batches += 1
+                self.examples += len(seen[-1])
+                self.tokens += n_tokens
+            result = acc.sums()
+        self.sums = result.sums
+        return {
+            "rank": self.rank,
+            "examples": result.num_examples,
+            "targets": result.num_targets,
+            "tokens": self.tokens,
+            "batches": result.num_batches,
+            "seconds": result.seconds,
+            "ids": np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64),
+        }
+
+    def progress(self) -> tuple[int, int]:
+        return self.examples, self.tokens
+
+    def layer(self, name: str) -> np.ndarray:
+        return self.sums.pop(name).cpu().numpy()
+
+
+def reserve(plan: WorkerResources):
+    """A placement group holding every worker's bundle (all start together, or none does)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    workers, bundle = plan.workers, plan.bundle()
+    pg = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=plan.timeout)
+    if not ready:
+        remove_placement_group(pg)
+        total = ray.cluster_resources()
+        raise ClusterError(
+            f"{workers} gradient workers of {bundle} could not be placed within {plan.timeout:.0f}s; the cluster "
+            f"has {total.get('GPU', 0):g} GPUs and {total.get('CPU', 0):g} CPUs in all, some maybe busy or on nodes "
+            "too small for one worker. Lower --workers / --gpus-per-worker, free the cluster, or raise "
+            "--resource-timeout if the autoscaler is still adding nodes."
+        )
+    return pg
+
+
+def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_labels: int) -> tuple[list, list[dict]]:
+    """Create the actors and load the model in each; checks they all hold the same weights."""
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    actor = ray.remote(GradientWorker)
+    workers = []
+    for i in range(opts.workers):
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        workers.append(actor.options(num_cpus=plan.cpus, num_gpus=plan.gpus, max_concurrency=2,
+                                     scheduling_strategy=strategy).remote(
+            opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts.dtype))
+    try:
+        infos = ray.get([w.setup.remote() for w in workers])
+    except RayActorError as e:
+        kill_workers(workers)
+        raise WorkerLostError(f"a gradient worker died while loading {opts.model!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        kill_workers(workers)
+        reraise_clean(e)
+    prints = {info["fingerprint"] for info in infos}
+    if len(prints) > 1:
+        kill_workers(workers)
+        hosts = sorted({info["host"] for info in infos})
+        raise RuntimeError(
+            f"the gradient workers loaded different weights for {opts.model!r} (hosts {hosts}); every node must "
+            "see the same model files: install them in the cluster's setup or use shared storage."
+        )
+    return workers, infos
+
+
+def kill_workers(workers) -> None:
+    import ray
+
+    for w in workers:
+        with contextlib.suppress(Exception):
+            ray.kill(w, no_restart=True)
+
+
+def torch_threads(infos: list[dict]) -> int:
+    """Torch threads for a CPU worker: the node's cores shared among the workers on it."""
+    per_node = {}
+    for info in infos:
+        per_node.setdefault(info["node"], []).append(info["cpu_count"])
+    return max(1, min(cores[0] // len(cores) for cores in per_node.values()))
+
+
+def run_gradient(workers, infos, streams, opts: InitOptions, total: int) -> list[dict]:
+    """Stream the sample through the workers; returns each worker's counts and sample indices."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    threads = torch_threads(infos)
+    refs = [w.consume.remote(s, opts.batch_size, threads) for w, s in zip(workers, streams)]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[dict | None] = [None] * len(refs)
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"gradient ({len(workers)} worker{'s' if len(workers) > 1 else ''})",
+                   unit="ex", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+            for ref in done:
+                i = index[ref]
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError as e:
+                    raise WorkerLostError(f"gradient worker {i} ({infos[i]['host']}, pid {infos[i]['pid']}) died "
+                                          f"mid-stream: {str(e).splitlines()[0]}") from e
+                except Exception as e:
+                    reraise_clean(e)
+            if bar is not None:
+                done_results = [r for r in results if r is not None]
+                examples = sum(r["examples"] for r in done_results)
+                tokens = sum(r["tokens"] for r in done_results)
+                asks = [w.progress.remote() for i, w in enumerate(workers) if results[i] is None]
+                for ask in asks:
+                    with contextlib.suppress(Exception):  # a dead worker is reported by its consume call
+                        e_i, t_i = ray.get(ask, timeout=5)
+                        examples, tokens = examples + e_i, tokens + t_i
+                bar.n = examples
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def check_counts(results: list[dict], total: int) -> None:
+    """Every sampled example counted exactly once, or a loud error: never a silently wrong artifact."""
+    ids = np.concatenate([r["ids"] for r in results]) if results else np.zeros(0, dtype=np.int64)
+    counted = np.bincount(ids, minlength=total) if ids.size else np.zeros(total, dtype=np.int64)
+    missing = int((counted[:total] == 0).sum())
+    twice = int((counted > 1).sum())
+    examples = sum(r["examples"] for r in results)
+    if missing or twice or len(counted) != total or examples != total:
+        raise RuntimeError(
+            f"the gradient workers counted {examples} examples for a sample of {total} ({missing} never seen, "
+            f"{twice} seen more than once); the estimate would be wrong, so no artifact is written. "
+            "This is a bug or a data-pipeline fault: please report it with the command line."
+        )
+
+

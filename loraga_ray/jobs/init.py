@@ -1,0 +1,318 @@
+"""The LoRA-GA gradient estimate on Ray: ``loraga-ray init``.
+
+Stages, each timed in the summary:
+
+1. **read**: Ray Data reads the dataset (one read task per file, or the native readers for
+   s3:// / gs:// URIs), the driver learns the row count of every block and draws exactly
+   ``num_samples`` row indices uniformly without replacement from ``seed``, and only those rows
+   are fetched. The sample is the one ``data.sample_table(data.load_split(...))`` gives.
+2. **start**: N gradient workers (Ray actors, gang-scheduled in a placement group, one GPU each
+   when asked) load the model. Asking for more than the cluster can give fails within seconds.
+3. **gradient**: Ray Data tokenises the sample on CPU and streams it to the workers
+   (``streaming_split``); each accumulates float32 per-layer sums of the summed-loss gradient and
+   its example / target / token counts. Every sampled example carries its index, and the driver
+   checks that each one was counted exactly once. A worker that dies mid-stream makes the whole
+   stage run again on fresh workers (``max_retries`` times), or the run fails with a clear error.
+4. **reduce + svd**: the driver fetches one worker's partial of one layer at a time (a numpy array,
+   zero-copy from the object store), adds it into one float32 buffer, takes the truncated SVD of
+   the mean and drops the buffer: its peak stays near two copies of the largest layer.
+5. **write**: the same artifact as :func:`loraga_ray.core.estimate.estimate_init`, to a local folder or
+   an s3:// / gs:// prefix (:mod:`loraga_ray.core.storage`); nothing is written unless all went well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..core.artifact import InitArtifact, build_meta
+from ..options import InitOptions
+from .cluster import connect
+from .gradient_worker import WorkerLostError, check_counts, kill_workers, reserve, run_gradient, start_workers
+from .init_data import data_context, is_uri, path_for_tasks, read_sample, token_streams
+from .resources import WorkerResources, plan_workers
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InitOptions", "WorkerLostError", "run_init", "format_summary", "check_out"]
+
+
+def check_out(out: str) -> None:
+    """The artifact's destination must be writable (checked before the expensive work)."""
+    from ..core.storage import is_remote, local_path, resolve
+
+    if is_remote(out):
+        resolve(out)  # unknown scheme, missing credentials: a clear error now rather than at the end
+        return
+    path = local_path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is an existing file; the artifact is a folder. Pick another path.")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write under {parent}. Pick a folder you can write, or an s3:// / gs:// prefix.")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
+    """Estimate the LoRA-GA init on Ray; writes ``opts.out`` if given (local folder, s3://, gs://)
+    and returns ``(artifact, summary)``.
+
+    Connects with ``cluster.connect(opts.address)`` unless Ray is already initialised (then it
+    uses that instance); an embedded Ray it started is shut down at the end. The result equals
+    single-process :func:`loraga_ray.core.estimate.estimate_init` on the same sample to float32
+    rounding.
+    """
+    import ray
+
+    from ..models import resolve_model
+
+    opts.validate()
+    spec = resolve_model(opts.model, opts.task)  # clear error for an unknown model, before Ray starts
+    if opts.out:
+        check_out(opts.out)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        connect(opts.address, quiet=opts.progress)
+    elif opts.address:
+        log.warning("Ray is already initialised in this process; using that instance, not --address %s", opts.address)
+    try:
+        with data_context():
+            return _estimate(opts, spec.task)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+@dataclass
+class _Gradients:
+    """What the gradient stage hands on: per-worker counts, the workers' setup info, the factors."""
+
+    results: list[dict]
+    infos: list[dict]
+    factors: dict
+    reduce: dict
+    retries: int
+
+    def total(self, key: str) -> int:
+        return int(sum(r[key] for r in self.results))
+
+
+def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
+    """read -> sample -> (start workers -> gradient -> reduce + svd, retried) -> write."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log.info("reading %s (%s) and drawing %d samples (seed %d)", opts.data, opts.split, opts.num_samples, opts.seed)
+    sample, info = read_sample(opts, task)
+    times["read_s"] = time.perf_counter() - t0
+    log.info("read: %d of %d rows sampled in %.1fs", sample.num_rows, info["dataset_rows"], times["read_s"])
+    num_labels = _num_labels(opts, task, info["max_label"])
+    plan = plan_workers("gradient workers", opts.workers, gpus_per_worker=opts.gpus_per_worker,
+                        cpus_per_worker=opts.cpus_per_worker, address=opts.address,
+                        resource_timeout=opts.resource_timeout)
+    grads = _gradient_stage(opts, plan, sample, task, num_labels, times)
+    artifact = InitArtifact(factors=grads.factors, meta=_meta(opts, task, num_labels, info, grads, times))
+    t3 = time.perf_counter()
+    out = None
+    if opts.out:
+        from ..core.storage import save_artifact
+
+        out = save_artifact(artifact, opts.out)
+    times["write_s"] = time.perf_counter() - t3
+    return artifact, _summary(opts, info, grads, plan, times, out, time.perf_counter() - t0)
+
+
+def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str, num_labels: int,
+                    times: dict) -> _Gradients:
+    """Start the workers, stream the sample through them, reduce and factorise; a worker lost on
+    the way makes the whole stage run again on fresh workers (``max_retries`` times)."""
+    from ray.util.placement_group import remove_placement_group
+
+    from ..data import Encoder
+    from ..models import DEMO_MODELS
+
+    # the model is named by its path: every worker resolves it on its own node
+    model = opts.model if opts.model in DEMO_MODELS or is_uri(opts.model) else path_for_tasks(Path(opts.model).expanduser())
+    run_opts = replace(opts, model=model)
+    encoder = Encoder(model, task, opts.max_length)
+    total = sample.num_rows
+    for attempt in range(opts.max_retries + 1):
+        t1 = time.perf_counter()
+        pg = reserve(plan)
+        workers = []
+        try:
+            # the stream's coordinator actor starts while the workers load the model
+            streams = token_streams(sample, encoder, opts.batch_size, opts.workers)
+            workers, infos = start_workers(run_opts, plan, pg, task, num_labels)
+            times["start_s"] = time.perf_counter() - t1
+            log.info("%d gradient worker(s) on %s", len(workers), ", ".join(sorted({f"{i['host']}:{i['device']}" for i in infos})))
+            t2 = time.perf_counter()
+            results = run_gradient(workers, infos, streams, run_opts, total)
+            times["gradient_s"] = time.perf_counter() - t2
+            check_counts(results, total)
+            examples, targets = (int(sum(r[k] for r in results)) for k in ("examples", "targets"))
+            factors, red = reduce_and_factorize(workers, infos[0]["names"], examples, targets, opts)
+            times["reduce_s"], times["svd_s"] = red["reduce_s"], red["svd_s"]
+            log.info("gradient: %d examples in %.1fs; reduce %.1fs (%.1f MiB moved), svd %.1fs", total,
+                     times["gradient_s"], times["reduce_s"], red["reduce_bytes"] / 2**20, times["svd_s"])
+            return _Gradients(results, infos, factors, red, retries=attempt)
+        except WorkerLostError as e:
+            if attempt >= opts.max_retries:
+                raise WorkerLostError(
+                    f"{e}. Gave up after {attempt + 1} attempt(s) (--max-retries {opts.max_retries}); no artifact was "
+                    "written. Check the worker's logs (out of memory? preempted node?) and rerun."
+                ) from e
+            log.warning("%s; running the gradient stage again on fresh workers (attempt %d of %d)",
+                        e, attempt + 2, opts.max_retries + 1)
+        finally:
+            kill_workers(workers)
+            remove_placement_group(pg)
+    raise AssertionError("unreachable")
+
+
+def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, opts: InitOptions) -> tuple[dict, dict]:
+    """Sum the workers' partials one layer and one worker at a time, then SVD that layer."""
+    import ray
+    import torch
+    from ray.exceptions import RayActorError
+
+    from ..core.estimate import factorize
+    from ..core.gradients import GradientSums
+
+    device = "cuda" if torch.cuda.is_available() else None
+    factors, moved, peak, reduce_s, svd_s = {}, 0, 0, 0.0, 0.0
+    layers = names
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(names, desc="reduce + svd", unit="layer", dynamic_ncols=True)
+    for name in layers:
+        t0 = time.perf_counter()
+        buf = None
+        for i, w in enumerate(workers):
+            try:
+                part = ray.get(w.layer.remote(name))
+            except RayActorError as e:
+                raise WorkerLostError(f"gradient worker {i} died while handing back its sums: {str(e).splitlines()[0]}") from e
+            moved += part.nbytes
+            if buf is None:
+                buf = np.array(part, dtype=np.float32, copy=True)
+                peak = max(peak, 2 * part.nbytes)
+            else:
+                buf += part
+            del part
+        t1 = time.perf_counter()
+        sums = GradientSums({name: torch.from_numpy(buf)}, num_examples=num_examples, num_targets=num_targets)
+        factors.update(factorize(sums, k=2 * opts.max_rank, svd=opts.svd, seed=opts.seed, device=device))
+        del buf, sums
+        svd_s += time.perf_counter() - t1
+        reduce_s += t1 - t0
+    return factors, {"reduce_s": reduce_s, "svd_s": svd_s, "reduce_bytes": moved, "reduce_peak_mb": peak / 2**20}
+
+
+def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gradients, times: dict) -> dict:
+    info0 = grads.infos[0]
+    meta = build_meta(
+        model=None,
+        target_names=info0["names"],
+        shapes={n: tuple(s) for n, s in info0["shapes"].items()},
+        fingerprint=info0["fingerprint"],
+        k=2 * opts.max_rank,
+        num_examples=grads.total("examples"),
+        num_targets=grads.total("targets"),
+        seed=opts.seed,
+        svd=opts.svd,
+        niter=4,
+        oversample=None,
+        base_model=opts.model,
+        dataset_fingerprint=info["dataset_fingerprint"],
+        timings={k: round(v, 4) for k, v in times.items()},
+        extra={
+            "num_batches": grads.total("batches"),
+            "num_tokens": grads.total("tokens"),
+            "workers": opts.workers,
+            "dataset": opts.data,
+            "split": opts.split,
+            "dataset_rows": info["dataset_rows"],
+            "num_samples_requested": opts.num_samples,
+            "task": task,
+            "num_labels": num_labels if task == "seq-cls" else None,
+            "max_length": opts.max_length,
+            "model_dtype": opts.dtype,
+            "batch_size": opts.batch_size,
+        },
+    )
+    meta["model_class"] = info0["model_class"]
+    return meta
+
+
+def _summary(opts: InitOptions, info: dict, grads: _Gradients, plan: WorkerResources, times: dict, out,
+             elapsed: float) -> dict:
+    red = grads.reduce
+    return {
+        "out": out,
+        "workers": opts.workers,
+        "devices": sorted({i["device"] for i in grads.infos}),
+        "nodes": len({i["node"] for i in grads.infos}),
+        "gpus_per_worker": plan.gpus,
+        "num_examples": grads.total("examples"),
+        "num_targets": grads.total("targets"),
+        "num_tokens": grads.total("tokens"),
+        "num_batches": grads.total("batches"),
+        "examples_per_worker": [r["examples"] for r in grads.results],
+        "compute_s_per_worker": [round(r["seconds"], 3) for r in grads.results],  # forward+backward time only
+        "dataset_rows": info["dataset_rows"],
+        "sample_too_small": info["sample_too_small"],
+        **{k: round(v, 3) for k, v in times.items()},
+        "total_s": round(elapsed, 3),
+        "tokens_per_s": round(grads.total("tokens") / max(times["gradient_s"], 1e-9), 1),
+        "bytes_moved": int(info["sample_bytes"] + red["reduce_bytes"]),
+        "sample_bytes": int(info["sample_bytes"]),
+        "reduce_bytes": int(red["reduce_bytes"]),
+        "reduce_peak_mb": round(red["reduce_peak_mb"], 2),
+        "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
+        "retries": grads.retries,
+    }
+
+
+def _num_labels(opts: InitOptions, task: str, max_label: int) -> int:
+    if task != "seq-cls":
+        return 2  # unused by causal LMs
+    if opts.num_labels is not None:
+        if max_label >= opts.num_labels:
+            raise ValueError(f"the data has label {max_label} but num_labels={opts.num_labels}; labels must be 0..num_labels-1.")
+        return opts.num_labels
+    return max(2, max_label + 1)
+
+
+def format_summary(summary: dict) -> str:
+    mb = 2**20
+    lines = [
+        f"examples {summary['num_examples']} ({summary['num_tokens']} tokens, {summary['num_targets']} targets) on "
+        f"{summary['workers']} worker(s) {'/'.join(summary['devices'])}, {summary['nodes']} node(s); "
+        f"per worker {summary['examples_per_worker']}",
+        "time  " + "  ".join(f"{k[:-2]} {summary[k]:.2f}s" for k in ("read_s", "start_s", "gradient_s", "reduce_s", "svd_s", "write_s") if k in summary)
+        + f"  total {summary['total_s']:.2f}s  ({summary['tokens_per_s']:.0f} tokens/s)",
+        f"moved {summary['bytes_moved'] / mb:.1f} MiB (sample {summary['sample_bytes'] / mb:.2f}, reduce {summary['reduce_bytes'] / mb:.1f}); "
+        f"driver peak RSS {summary['driver_peak_rss_mb']:.0f} MiB, reduce buffers {summary['reduce_peak_mb']:.1f} MiB",
+    ]
+    if summary.get("retries"):
+        lines.append(f"retries {summary['retries']} (a gradient worker was lost and its stage rerun)")
+    if summary.get("out"):
+        lines.append(f"artifact -> {summary['out']}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""One trial of a search: a Ray Train run driven from a Ray Tune function, its reports forwarded
+to Tune, its outputs in ``<out>/trials/<trial id>``, its MLflow run a child of the search's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from ..core.files import write_json
+from ..options import TrainOptions, from_dict
+from .search_results import METRIC, TRIALS_DIR
+
+TRIAL_RUN_FILE = "mlflow_run.json"
+ASHA_TIME = "asha_step"  # "step" in every report Tune gets except the final one
+
+
+def _report_to_tune():
+    """Forwards Train's evaluation reports (and its final one) to Tune: ASHA needs only those, and
+    every result Tune takes holds up the Train controller, so per-step reports stay out of Tune
+    (they still reach MLflow). Train's final report says ``done``, which Tune would take as its
+    own stop signal and tear the trial down while Train is still saving: it becomes ``train_done``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics or (METRIC not in metrics[0] and not metrics[0].get("done")):
+                return
+            first = {k: v for k, v in metrics[0].items() if k != "step_metrics"}  # per-step rows go to MLflow only
+            if "done" in first:
+                first["train_done"] = bool(first.pop("done"))
+            if not first.get("train_done"):
+                # ASHA's clock. The final report carries none, so ASHA never stops a trial on it: a
+                # rung at the last step would otherwise kill the trial before it exports its adapter.
+                first[ASHA_TIME] = first.get("step")
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return ReportToTune()
+
+
+def run_trial(config: dict, setup: dict) -> None:
+    """The Tune trainable: base options + the trial's config -> TrainOptions -> one Ray Train run,
+    then its outputs (adapter, metrics.json, loss curve) in ``<out>/trials/<trial id>``.
+
+    The trial's MLflow run (a child of the search's run) is created once and its id kept in the
+    trial's folder, so a trial restored by --resume goes on logging into the same run, and its
+    Ray Train run (named after the trial) resumes from its last checkpoint."""
+    import time
+
+    from ray import tune
+
+    from .. import tracking
+    from .run_plan import plan_run
+    from .train import build_trainer, create_mlflow_run
+    from .run_folder import write_outputs
+
+    started = time.time()
+    # Ray Train settings of the search's driver (RAY_TRAIN_*, e.g. the controller's poll interval):
+    # Train propagates them from the process that calls fit(), which here is this trial
+    os.environ.update(setup.get("env", {}))
+    trial_id = tune.get_context().get_trial_id()
+    trial_out = Path(setup["out"]) / TRIALS_DIR / trial_id
+    values = dict(setup["base"])
+    values.update(config)
+    values.update(
+        out=str(trial_out),
+        artifact=setup["artifact"] if values.get("init") == "lora-ga" else None,
+        tracking_uri=setup["tracking_uri"],
+        parent_run_id=setup["parent_run_id"],
+        run_name=trial_id,
+        resume=False,
+    )
+    opts = from_dict(TrainOptions, values)
+    artifact = setup["artifact_copy"] if opts.init == "lora-ga" else None
+    plan = plan_run(opts, artifact)
+    trial_out.mkdir(parents=True, exist_ok=True)
+    run_file = trial_out / TRIAL_RUN_FILE
+    if run_file.is_file():
+        run_id = json.loads(run_file.read_text())["mlflow_run_id"]
+        tracking.set_status(opts.tracking_uri, run_id, "RUNNING")
+    else:
+        run_id = create_mlflow_run(opts, opts.tracking_uri, plan)
+        write_json(run_file, {"mlflow_run_id": run_id, "tracking_uri": opts.tracking_uri, "trial_id": trial_id,
+                               "artifact": opts.artifact})
+    trainer = build_trainer(opts, name=trial_id, storage_path=setup["train_storage"], callbacks=[_report_to_tune()],
+                            mlflow_run_id=run_id, plan=plan, artifact=artifact)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tracking.set_status(opts.tracking_uri, run_id, "FAILED")
+        raise
+    write_outputs(opts, result, trial_out, run_id, opts.tracking_uri, started)
+
+
+def close_trial_runs(out: Path, tracking_uri: str) -> None:
+    """Trials that ASHA stopped (or an interrupt killed) never end their MLflow run: mark those
+    still RUNNING as KILLED. A resumed trial sets its run to RUNNING again."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for run_file in sorted((out / TRIALS_DIR).glob(f"*/{TRIAL_RUN_FILE}")):
+        run_id = json.loads(run_file.read_text())["mlflow_run_id"]
+        with contextlib.suppress(Exception):
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")

@@ -1,0 +1,250 @@
+"""``loraga-ray train``: one fine-tuning run on Ray Train (LoRA-GA, LoRA, PiSSA, PEFT's LoRA-GA
+or full fine-tuning), from the command line or :func:`fit`.
+
+:func:`fit` reads top to bottom:
+
+1. checks everything that can be checked cheaply (options, the output folder, the data, the
+   rank against the model's layer shapes on a weightless copy, the artifact's fit and
+   fingerprint, the cluster's size, the MLflow store);
+2. for ``--init lora-ga`` without ``--artifact``, estimates the init first (the distributed
+   pipeline of :mod:`loraga_ray.jobs.init`) and keeps the artifact in ``<out>/init_artifact``;
+3. runs a Ray Train ``TorchTrainer`` (:func:`build_trainer`; the loop is
+   :mod:`loraga_ray.training.loop`): N workers with DDP (gloo on CPU, NCCL on GPU), the training
+   examples streamed and sharded by Ray Data in an order fixed by the seed;
+4. writes ``<out>`` (:mod:`loraga_ray.jobs.run_folder`) and records the run in MLflow.
+
+Batch size is the *global* batch (examples per optimizer step); each of the N workers gets
+batch_size / N. ``--resume`` continues a stopped run from its last checkpoint with the same data
+order and optimizer state. Train V2 resumes a run with the same ``(storage_path, name)``; here
+that is ``<out>/ray`` and ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import tracking
+from ..core.artifact import InitArtifact
+from ..core.files import write_json
+from ..options import TrainOptions
+from .resources import WorkerResources, plan_workers
+from .run_folder import (
+    INIT_ARTIFACT_DIR,
+    OPTIONS_FILE,
+    RAY_DIR,
+    RAY_RUN_NAME,
+    RUN_FILE,
+    SINGULAR_VALUES_FILE,
+    check_out_folder,
+    read_run_record,
+    write_outputs,
+)
+from .run_plan import RunPlan, build_datasets, check_artifact_fits, check_artifact_weights, plan_run
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainOptions", "fit", "build_trainer", "plan_train_workers", "create_mlflow_run"]
+
+
+def plan_train_workers(opts: TrainOptions) -> WorkerResources:
+    """The Train workers' reservation; one CPU stays free for Ray Data. Ray must be initialised."""
+    return plan_workers("Train workers", opts.workers, gpus_per_worker=opts.gpus_per_worker,
+                        cpus_per_worker=opts.cpus_per_worker, address=opts.address, device=opts.device,
+                        spare_cpus=1.0, probe_cuda=True)
+
+
+def local_cpus(opts: TrainOptions, concurrent_runs: int = 1) -> int:
+    """Logical CPUs an embedded Ray needs for ``concurrent_runs`` runs: each run's workers plus
+    its Ray Data tasks (with only the physical cores, Train workers would hold them all)."""
+    import math
+
+    return concurrent_runs * (math.ceil(opts.workers * opts.cpus_per_worker) + 1) + 1
+
+
+def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | None = None) -> str:
+    """An MLflow run for these options: params, and the parent tag when opts.parent_run_id."""
+    params = {k: getattr(opts, k) for k in (
+        "model", "data", "init", "rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lr", "batch_size",
+        "workers", "seed", "max_steps", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
+        "eval_every", "eval_samples", "target_modules", "artifact", "lora_dropout", "init_samples")}
+    if plan is not None:
+        params.update(task=plan.task, total_steps=plan.total_steps, eval_source=plan.eval_source,
+                      num_target_modules=len(plan.target_modules))
+    tags = {"loraga.init": opts.init, "loraga.out": str(opts.out)}
+    name = opts.run_name or (f"{opts.init} lr={opts.lr:g}" if opts.init == "full" else f"{opts.init} r={opts.rank} lr={opts.lr:g}")
+    return tracking.create_run(tracking_uri, opts.experiment, params=params, run_name=name,
+                               parent_run_id=opts.parent_run_id, tags=tags)
+
+
+def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks=(), mlflow_run_id: str | None = None,
+                  plan: RunPlan | None = None, resources: WorkerResources | None = None,
+                  artifact: InitArtifact | None = None):
+    """The Ray Train ``TorchTrainer`` of one run. Ray must be initialised.
+
+    Reports (every worker reports the same dict; Ray keeps rank 0's): ``step``, ``train_loss``
+    (mean over the steps since the previous report), ``lr``, ``grad_norm``, ``epoch``, and
+    ``step_metrics`` (the list of per-step metric dicts since the previous report); at eval steps
+    also ``eval_loss`` and ``eval_accuracy`` (seq-cls) or ``eval_exact_match`` (causal-lm). There
+    is a report at every eval and checkpoint step, and otherwise every ``opts.report_every`` steps,
+    or (None) whenever ~2 s have passed: Ray Train's controller takes one report per poll, so a
+    report per step would throttle training. The last report adds ``done: True`` and carries the
+    checkpoint with ``export/adapter`` (or ``export/model``). For Tune schedulers use
+    ``time_attr="step"``. ``callbacks`` go to the RunConfig (e.g. Tune's ``TuneReportCallback()``).
+
+    init lora-ga needs the artifact: ``artifact`` (loaded) or ``opts.artifact`` (a folder; ``fit``
+    estimates one when it is missing). MLflow: metrics go to ``mlflow_run_id`` if given; else,
+    when ``opts.tracking_uri`` is set, a new run is created (a child of ``opts.parent_run_id`` if
+    set); its id is ``trainer.mlflow_run_id``.
+    """
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..training.build import artifact_payload
+    from ..training.loop import train_loop_per_worker, warmup_steps
+
+    opts.validate()
+    if opts.init == "lora-ga" and artifact is None:
+        if not opts.artifact:
+            raise ValueError("build_trainer with init lora-ga needs an init artifact (artifact= or opts.artifact); "
+                             "fit() estimates one when it is missing.")
+        artifact = InitArtifact.load(opts.artifact)
+    plan = plan or plan_run(opts, artifact)
+    resources = resources or plan_train_workers(opts)
+    if mlflow_run_id is not None and not opts.tracking_uri:
+        raise ValueError("build_trainer: mlflow_run_id needs opts.tracking_uri (the store the run lives in).")
+    if mlflow_run_id is None and opts.tracking_uri:
+        mlflow_run_id = create_mlflow_run(opts, opts.tracking_uri, plan)
+
+    config = {
+        "options": asdict(opts),
+        "spec": plan.spec,
+        "task": plan.task,
+        "num_labels": plan.num_labels,
+        "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "warmup_steps": warmup_steps(opts.warmup_ratio, plan.total_steps),
+        "cuda": resources.cuda,
+        "artifact_ref": ray.put(artifact_payload(artifact)) if opts.init == "lora-ga" else None,
+    }
+    all_callbacks = list(callbacks)
+    if mlflow_run_id is not None:
+        all_callbacks.append(tracking.MlflowReportCallback(opts.tracking_uri, mlflow_run_id))
+    ctx_opts = ray.data.DataContext.get_current().execution_options
+    ingest = ExecutionOptions(preserve_order=True, resource_limits=ctx_opts.resource_limits,
+                              exclude_resources=ctx_opts.exclude_resources)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if resources.cuda else "gloo"),
+        scaling_config=resources.scaling_config(),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            callbacks=all_callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=build_datasets(opts, plan),
+        # One worker reads the stream directly (no split coordinator actor to start).
+        dataset_config=DataConfig(datasets_to_split=["train"] if opts.workers > 1 else [], execution_options=ingest,
+                                  enable_shard_locality=False),
+    )
+    trainer.mlflow_run_id = mlflow_run_id
+    return trainer
+
+
+def estimate_artifact(opts: TrainOptions, plan: RunPlan, dest: Path) -> InitArtifact:
+    """Run the init pipeline for a lora-ga run without --artifact; the artifact goes to ``dest``."""
+    from .init import run_init
+
+    artifact, _ = run_init(opts.init_options(out=str(dest), max_rank=opts.rank, task=plan.task,
+                                             num_labels=plan.num_labels))
+    return artifact
+
+
+def fit(opts: TrainOptions) -> dict:
+    """Check, (estimate the init,) train, export and record one run; returns the final metrics
+    (plus ``history``, ``out``, ``mlflow_run_id``)."""
+    from .cluster import connect
+
+    started = time.time()
+    opts.validate()
+    out = Path(opts.out).expanduser().resolve()
+    opts = dataclasses.replace(opts, out=str(out))
+    saved = check_out_folder(opts, out)
+    if saved is not None and opts.init == "lora-ga" and opts.artifact is None and (out / INIT_ARTIFACT_DIR / "meta.json").exists():
+        opts = dataclasses.replace(opts, artifact=str(out / INIT_ARTIFACT_DIR))  # the one this run estimated
+    artifact = None
+    if opts.init == "lora-ga" and opts.artifact:
+        opts = dataclasses.replace(opts, artifact=str(Path(opts.artifact).expanduser().resolve()))
+        artifact = InitArtifact.load(opts.artifact)  # read once; everything below uses this copy
+
+    # the data, the model's shapes, the artifact: no cluster yet
+    plan = plan_run(opts, artifact)
+    if artifact is not None:
+        check_artifact_weights(opts, plan, artifact)
+
+    # the cluster and the MLflow store must both answer before anything is written
+    connect(opts.address, min_cpus=local_cpus(opts))
+    resources = plan_train_workers(opts)
+    tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
+    if opts.tracking_uri:  # fails early with a clear message, before anything is written
+        tracking.open_experiment(tracking_uri, opts.experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    if not opts.tracking_uri:
+        tracking.open_experiment(tracking_uri, opts.experiment)
+    opts = dataclasses.replace(opts, tracking_uri=tracking_uri)
+
+    estimated = False
+    if opts.init == "lora-ga" and artifact is None:
+        dest = out / INIT_ARTIFACT_DIR
+        log.info("no --artifact: estimating the LoRA-GA init (%d samples) into %s", opts.init_samples, dest)
+        artifact = estimate_artifact(opts, plan, dest)
+        opts = dataclasses.replace(opts, artifact=str(dest))
+        check_artifact_fits(opts, plan, artifact)
+        estimated = True
+    if saved is None:
+        write_json(out / OPTIONS_FILE, dict(asdict(opts), artifact=None if estimated else opts.artifact))
+
+    run_id = _mlflow_run(opts, out, tracking_uri, plan, artifact)
+    trainer = build_trainer(opts, name=RAY_RUN_NAME, storage_path=str(out / RAY_DIR), mlflow_run_id=run_id,
+                            plan=plan, resources=resources, artifact=artifact)
+    log.info("training: init %s, %d steps of %d examples on %d worker(s) (%s), eval on %s; checkpoints in %s",
+             opts.init, plan.total_steps, opts.batch_size, opts.workers, "CUDA" if resources.cuda else "CPU",
+             plan.eval_source, out / RAY_DIR)
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        tracking.set_status(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise RuntimeError(f"training failed: {e}\nFix the cause, then continue with --resume --out {out} "
+                           "(from the last checkpoint, if any).") from e
+    return write_outputs(opts, result, out, run_id, tracking_uri, started)
+
+
+def _mlflow_run(opts: TrainOptions, out: Path, tracking_uri: str, plan: RunPlan, artifact: InitArtifact | None) -> str:
+    """The run's MLflow run: the one a stopped run logged to (set RUNNING again), else a new one
+    with the init artifact recorded."""
+    record = read_run_record(out) if opts.resume else {}
+    run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == tracking_uri else None
+    if run_id is not None:
+        tracking.set_status(tracking_uri, run_id, "RUNNING")
+        return run_id
+    run_id = create_mlflow_run(opts, tracking_uri, plan)
+    write_json(out / RUN_FILE, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
+    if artifact is not None:
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=".plots-", dir=out) as plots:
+            png = tracking.log_init_artifact(tracking_uri, run_id, artifact, plots)
+            shutil.copy2(png, out / SINGULAR_VALUES_FILE)
+    return run_id

@@ -1,0 +1,347 @@
+"""The typed options of the three jobs: :class:`InitOptions` (``loraga-ray init``),
+:class:`TrainOptions` (``loraga-ray train``, and the base options of a search) and
+:class:`SearchOptions` (``loraga-ray tune``).
+
+Each field is documented once, in its ``help`` metadata; the command line is generated from the
+same fields (:mod:`loraga_ray.cli.common`), so a flag and its API field cannot drift apart. Each
+class validates itself in one place (``validate()``), before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .core.factors import DIRECTIONS, SCALES, SVD_METHODS
+
+INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+TASK_CHOICES = ("seq-cls", "causal-lm")
+COLUMN_FIELDS = ("text_column", "label_column", "prompt_column", "response_column")
+INIT_WORKER_CPUS = 0.25  # logical CPUs a gradient worker reserves: Ray Data's tasks need the rest
+
+
+def opt(default: Any = MISSING, help: str = "", **cli: Any):
+    """A dataclass field with its one piece of documentation (``help``) and command-line hints
+    (``choices``, ``flag``, ``aliases``, ``negate``: see :func:`loraga_ray.cli.common.add_option`)."""
+    kwargs = {"metadata": dict(cli, help=help)}
+    if isinstance(default, list):
+        kwargs["default_factory"] = lambda: list(default)
+    elif default is not MISSING:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+def column_kwargs(opts) -> dict[str, str | None]:
+    """The four column options of any options object (or dict), as ``load_split`` takes them."""
+    get = opts.get if isinstance(opts, dict) else (lambda k: getattr(opts, k, None))
+    return {k: get(k) for k in COLUMN_FIELDS}
+
+
+def split_names(value) -> list[str] | None:
+    """``--target-modules`` as given: a list, or comma-separated names; None or empty: None."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    return names or None
+
+
+def _positive_int(name: str, value, flag: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag or '--' + name.replace('_', '-')} must be a positive integer, got {value!r}.")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown --{name.replace('_', '-')} {value!r}: use one of {', '.join(choices)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitOptions:
+    """Everything ``loraga-ray init`` needs: the distributed gradient estimate and its SVD."""
+
+    model: str = opt(help="demo-minilm, demo-smollm2, or a local Hugging Face model folder / .gguf file")
+    data: str = opt(help="demo-rotten-tomatoes, demo-arithmetic, a local .parquet/.jsonl/.csv file or folder, "
+                         "a save_to_disk folder, or an s3:// / gs:// parquet, jsonl or csv location")
+    out: str | None = opt(None, "where the artifact goes: a local folder, s3://bucket/prefix or gs://bucket/prefix")
+    num_samples: int = opt(256, "examples in the gradient estimate", flag="--init-samples", aliases=("--num-samples",))
+    batch_size: int = opt(8, "examples per forward/backward pass of the estimate")
+    max_rank: int = opt(32, "largest LoRA rank the artifact serves; it keeps 2 x max_rank singular triplets")
+    workers: int = opt(1, "gradient workers (Ray actors)")
+    gpus_per_worker: float | None = opt(None, "GPUs per worker (default: 1 if the cluster has GPUs now, else 0 = CPU); "
+                                              "pass 1 on an autoscaling cluster whose GPU nodes start at zero")
+    seed: int = opt(0, "sampling seed (and the seed of a new classifier head)")
+    svd: str = opt("randomized", "truncated SVD method", choices=SVD_METHODS)
+    max_length: int = opt(128, "tokens per example after truncation")
+    split: str = opt("train", "dataset split to sample")
+    task: str | None = opt(None, "seq-cls or causal-lm (default: from the data's columns and the model's config)",
+                           choices=TASK_CHOICES)
+    text_column: str | None = opt(None, "seq-cls text column (default text)")
+    label_column: str | None = opt(None, "seq-cls label column (default label)")
+    prompt_column: str | None = opt(None, "causal-lm prompt column (default prompt)")
+    response_column: str | None = opt(None, "causal-lm response column (default response)")
+    target_modules: list[str] | None = opt(None, "Linear layer names or suffixes to adapt, space- or comma-separated "
+                                                 "(default: every Linear but the output head)")
+    address: str | None = opt(None, "Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    progress: bool = opt(True, "show progress bars (--no-progress: none)", negate="--no-progress")
+    cpus_per_worker: float = opt(INIT_WORKER_CPUS, "logical CPUs each gradient worker reserves (Ray Data's tasks use the rest)")
+    dtype: str = opt("float32", "model dtype on the workers (bfloat16 halves GPU memory; the sums stay float32)",
+                     choices=DTYPES)
+    num_labels: int | None = opt(None, "seq-cls classes (default: largest label + 1, at least 2)")
+    max_retries: int = opt(1, "rerun the gradient stage this often if a worker dies")
+    resource_timeout: float | None = opt(None, "seconds to wait for the workers' resources (default 60 on a local Ray, "
+                                               "600 on a joined cluster)")
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work, before anything expensive starts."""
+        for name in ("num_samples", "batch_size", "max_rank", "workers"):
+            _positive_int(name, getattr(self, name), flag={"num_samples": "--init-samples"}.get(name))
+        _choice("svd", self.svd, SVD_METHODS)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.task is not None:
+            _choice("task", self.task, TASK_CHOICES)
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be at least 2, got {self.max_length}.")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}.")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}.")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"--max-retries must be an integer >= 0, got {self.max_retries!r}.")
+        if self.num_labels is not None:
+            _positive_int("num_labels", self.num_labels)
+        if self.resource_timeout is not None and not self.resource_timeout > 0:
+            raise ValueError(f"--resource-timeout must be positive, got {self.resource_timeout}.")
+        self.target_modules = split_names(self.target_modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+# Options that define a run: a resumed run must keep them (data order, schedule, model).
+RUN_DEFINING = (
+    "model", "data", "init", "rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lr",
+    "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "workers",
+    "eval_every", "eval_samples", "checkpoint_every", "max_length", "seed", "target_modules",
+    "init_samples", "init_batch_size", "task", "text_column", "label_column", "prompt_column",
+    "response_column", "lora_dropout",
+)
+
+
+@dataclass
+class TrainOptions:
+    """One fine-tuning run (and, in a search, the values the space does not set).
+    ``batch_size`` is global: examples per optimizer step, split over the workers."""
+
+    model: str = opt(help="demo-minilm, demo-smollm2, a local HF folder or .gguf file")
+    data: str = opt(help="demo-rotten-tomatoes, demo-arithmetic, or a local file/folder")
+    out: str = opt(help="output folder: adapter/ or model/, metrics.json, loss_curve.png, mlflow.db, checkpoints")
+    init: str = opt("lora-ga", "adapter initialisation: lora-ga (ours), lora, pissa, peft-lora-ga (PEFT's built-in "
+                               "LoRA-GA) or full (full fine-tuning)", choices=INITS)
+    artifact: str | None = opt(None, "LoRA-GA init artifact folder (from `loraga-ray init`); without it, lora-ga "
+                                     "estimates one first (into OUT/init_artifact for train)")
+    rank: int = opt(8, "LoRA rank r")
+    alpha: float = opt(16.0, "LoRA alpha")
+    gamma: float = opt(16.0, "gamma of LoRA-GA's stable scale c = d_out^(1/4) / sqrt(gamma)")
+    direction: str = opt("ArB2r", "which singular directions of G go to A0 and B0", choices=DIRECTIONS)
+    scale: str = opt("stable", "scale rule of A0 and B0", choices=SCALES)
+    use_rslora: bool = opt(True, "scale adapters by alpha/sqrt(r) (rsLoRA); --no-rslora: alpha/r", negate="--no-rslora")
+    lr: float = opt(2e-4, "peak learning rate")
+    max_steps: int | None = opt(200, "optimizer steps")
+    epochs: float | None = opt(None, "train for this many epochs instead of --max-steps")
+    batch_size: int = opt(16, "global batch size (examples per optimizer step), split over the workers")
+    warmup_ratio: float = opt(0.05, "fraction of the steps with linear warm-up (then cosine decay)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    workers: int = opt(1, "Ray Train workers (DDP)")
+    gpus_per_worker: float | None = opt(None, "GPUs per worker (default: 1 when the cluster has GPUs)")
+    cpus_per_worker: float = opt(1.0, "CPUs per Train worker")
+    eval_every: int = opt(50, "evaluate every K steps and at the end")
+    eval_samples: int | None = opt(None, "cap on evaluation examples (default: the whole validation split)")
+    checkpoint_every: int | None = opt(None, "checkpoint every K steps (default: at every evaluation)")
+    max_length: int = opt(128, "tokens per example")
+    seed: int = opt(0, "seed of the data order, a new head and the adapter init")
+    target_modules: list[str] | None = opt(None, "Linear layer names or suffixes to adapt, space- or comma-separated "
+                                                 "(default: every Linear but the output head)")
+    init_samples: int = opt(256, "examples in the LoRA-GA gradient estimate (when it runs)")
+    init_batch_size: int = opt(8, "examples per forward/backward pass of the gradient estimate")
+    init_workers: int | None = opt(None, "gradient workers of the estimate (default: --workers)")
+    init_svd: str = opt("randomized", "truncated SVD method of the estimate", choices=SVD_METHODS)
+    task: str | None = opt(None, "seq-cls or causal-lm (default: from the data's columns)", choices=TASK_CHOICES)
+    text_column: str | None = opt(None, "seq-cls text column (default text)")
+    label_column: str | None = opt(None, "seq-cls label column (default label)")
+    prompt_column: str | None = opt(None, "causal-lm prompt column (default prompt)")
+    response_column: str | None = opt(None, "causal-lm response column (default response)")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    experiment: str = opt("loraga-ray", "MLflow experiment name")
+    parent_run_id: str | None = opt(None, "make this run a child of that MLflow run")
+    run_name: str | None = opt(None, "MLflow run name")
+    resume: bool = opt(False, "continue the stopped run in --out from its last checkpoint")
+    stop_after: int | None = opt(None, "stop after this many steps with a checkpoint (continue with --resume)")
+    report_every: int | None = opt(None, "report to Ray (and Tune) every N steps (default: at evaluations, "
+                                         "checkpoints and every ~2 s)")
+    address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA path")
+
+    def validate(self) -> None:
+        """Raise ValueError for options that cannot work, before anything is loaded."""
+        _choice("init", self.init, INITS)
+        if self.artifact is not None and self.init != "lora-ga":
+            raise ValueError(f"--artifact is a LoRA-GA init artifact; it does not apply to --init {self.init}. "
+                             "Drop it or use --init lora-ga.")
+        _choice("direction", self.direction, DIRECTIONS)
+        _choice("scale", self.scale, SCALES)
+        _choice("device", self.device, DEVICES)
+        _choice("init_svd", self.init_svd, SVD_METHODS)
+        if self.task is not None:
+            _choice("task", self.task, TASK_CHOICES)
+        _positive_int("rank", self.rank)
+        for name in ("alpha", "gamma", "lr"):
+            _positive(name, getattr(self, name))
+        _positive_int("workers", self.workers)
+        _positive_int("batch_size", self.batch_size)
+        if self.batch_size % self.workers:
+            raise ValueError(f"--batch-size {self.batch_size} is the global batch and must be a multiple of --workers "
+                             f"{self.workers} (each worker takes batch_size / workers examples per step).")
+        if self.epochs is None:
+            if self.max_steps is None or self.max_steps < 1:
+                raise ValueError(f"--max-steps must be a positive integer (or pass --epochs), got {self.max_steps!r}.")
+        elif not self.epochs > 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs!r}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("--weight-decay and --max-grad-norm must be >= 0 and --lora-dropout in [0, 1).")
+        if self.eval_every < 1 or (self.checkpoint_every is not None and self.checkpoint_every < 1):
+            raise ValueError("--eval-every and --checkpoint-every must be positive.")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ValueError(f"--eval-samples must be positive, got {self.eval_samples}.")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}.")
+        if self.device == "cpu" and self.gpus_per_worker:
+            raise ValueError("--device cpu with --gpus-per-worker > 0: drop one of them.")
+        if self.cpus_per_worker < 0:
+            raise ValueError(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}.")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be at least 2, got {self.max_length}.")
+        if self.init_samples < 1 or self.init_batch_size < 1:
+            raise ValueError("--init-samples and --init-batch-size must be positive.")
+        if self.init_workers is not None:
+            _positive_int("init_workers", self.init_workers)
+        if self.report_every is not None and self.report_every < 1:
+            raise ValueError(f"--report-every must be positive, got {self.report_every}.")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"--stop-after must be positive, got {self.stop_after}.")
+        self.target_modules = split_names(self.target_modules)
+
+    def init_options(self, *, out: str | None, max_rank: int, task: str, num_labels: int | None,
+                     progress: bool = True) -> InitOptions:
+        """The options of the gradient estimate this run (or search) needs: the same model, data,
+        columns, targets, seed, length and head size, so the artifact fits it. The one mapping
+        from training options to init options (``train`` and ``tune`` both use it)."""
+        gpus = 0.0 if self.device == "cpu" else self.gpus_per_worker
+        return InitOptions(
+            model=self.model, data=self.data, out=out, num_samples=self.init_samples, batch_size=self.init_batch_size,
+            max_rank=max_rank, workers=self.init_workers or self.workers, gpus_per_worker=gpus, seed=self.seed,
+            svd=self.init_svd, max_length=self.max_length, split="train", task=task,
+            target_modules=self.target_modules, address=self.address, progress=progress,
+            num_labels=num_labels if task == "seq-cls" else None, **column_kwargs(self),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------------------------
+
+
+class SearchError(ValueError):
+    """A search that cannot start (or resume) as asked."""
+
+
+@dataclass
+class SearchOptions:
+    """How to search; the training options themselves are a :class:`TrainOptions`."""
+
+    space: str | None = opt(None, "YAML search space (tune_spaces/rank.yaml, scaling.yaml, baselines.yaml or your own)")
+    num_samples: int = opt(1, "Ray Tune samples of the space; grid values multiply", flag="--tune-samples",
+                           aliases=("--num-samples",))
+    max_concurrent: int = opt(1, "trials running at once")
+    grace_period: int | None = opt(None, "ASHA: steps before a trial may be stopped (default 2 x --eval-every)")
+    reduction_factor: int = opt(2, "ASHA: keep 1/factor of the trials at each rung")
+    name: str = opt("search", "name of the Tune experiment (its folder under --out)")
+    resume: bool = opt(False, "continue the interrupted search in --out (its saved options are used)")
+    trial_cpus: float = opt(0.1, "logical CPUs the Tune trial function itself reserves")
+
+    def validate(self, base: TrainOptions) -> None:
+        for name in ("num_samples", "max_concurrent", "reduction_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = "--tune-samples" if name == "num_samples" else "--" + name.replace("_", "-")
+                raise SearchError(f"{flag} must be a positive integer, got {value!r}.")
+        if self.reduction_factor < 2:
+            raise SearchError(f"--reduction-factor must be >= 2 (ASHA keeps 1/factor of the trials at each rung), "
+                              f"got {self.reduction_factor}.")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise SearchError(f"--name {self.name!r} must be a plain folder name.")
+        if base.max_steps is None and base.epochs is None:
+            raise SearchError("set --max-steps (or --epochs): ASHA needs a training length.")
+        if self.grace_period is not None:
+            if self.grace_period < 1:
+                raise SearchError(f"--grace-period must be a positive number of steps, got {self.grace_period}.")
+            if base.max_steps is not None and self.grace_period > base.max_steps:
+                raise SearchError(f"--grace-period {self.grace_period} is longer than --max-steps {base.max_steps}; "
+                                  "ASHA could never stop a trial.")
+        if base.eval_every is None or base.eval_every < 1:
+            raise SearchError("--eval-every must be a positive number of steps: the search ranks trials by eval_loss.")
+
+
+def from_dict(cls, values: dict):
+    """``cls(**values)`` keeping only the keys that are fields of ``cls`` (saved option files may
+    hold keys of other versions)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoOptions:
+    """``loraga-ray demo``: LoRA-GA against plain LoRA, end to end. Unset values follow the demo
+    model (see :func:`loraga_ray.jobs.demo.resolve_defaults`)."""
+
+    model: str = opt("demo-minilm", "demo-minilm, demo-smollm2 or a local HF folder")
+    data: str | None = opt(None, "default: demo-rotten-tomatoes for demo-minilm, demo-arithmetic for demo-smollm2")
+    out: str = opt("runs/demo", "output folder")
+    rank: int = opt(8, "LoRA rank r")
+    alpha: float = opt(16.0, "LoRA alpha")
+    max_steps: int | None = opt(None, "training steps per method (default: 200 for demo-minilm, 100 otherwise)")
+    batch_size: int = opt(16, "global batch size")
+    eval_every: int = opt(50, "evaluate every K steps")
+    eval_samples: int = opt(256, "validation examples evaluated during training")
+    test_samples: int | None = opt(None, "cap on test examples (default: all for classification, 200 for generation)")
+    init_samples: int = opt(256, "examples in the LoRA-GA gradient estimate", aliases=("--num-samples",))
+    max_length: int = opt(64, "tokens per example")
+    lr_lora_ga: float | None = opt(None, "LoRA-GA's learning rate (default: the benchmark's choice for --model)")
+    lr_lora: float | None = opt(None, "LoRA's learning rate (default: the benchmark's choice for --model)")
+    workers: int = opt(1, "gradient and training workers")
+    seed: int = opt(0, "seed")
+    address: str | None = opt(None, "Ray cluster address (default: an embedded local Ray)")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: sqlite in --out)")

@@ -1,0 +1,107 @@
+"""The model a training worker starts from, for each ``--init``: LoRA-GA from the init artifact
+(ours), PEFT's default LoRA, PEFT's PiSSA, PEFT's built-in LoRA-GA (a baseline), or full
+fine-tuning. Every LoRA variant uses the same rsLoRA setting and trains new sequence-classification
+heads in full (``modules_to_save``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.adapters import InitState, apply_lora_ga, exact_names_regex, infer_task_type, set_init_state
+from ..core.artifact import InitArtifact
+from ..core.targets import find_target_modules, is_transposed
+from ..options import TrainOptions, column_kwargs
+
+PISSA_INIT = "pissa_niter_4"  # PEFT's fast PiSSA (randomized SVD with 4 power iterations)
+
+
+def artifact_payload(art: InitArtifact) -> dict:
+    """The artifact as numpy arrays + meta, to put in the object store (zero-copy for workers)."""
+    return {"meta": art.meta, "factors": {n: tuple(t.numpy() for t in f) for n, f in art.factors.items()}}
+
+
+def artifact_from_payload(payload: dict) -> InitArtifact:
+    factors = {n: tuple(torch.tensor(np.array(a)) for a in f) for n, f in payload["factors"].items()}
+    return InitArtifact(factors=factors, meta=payload["meta"])
+
+
+def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None):
+    """The base model (seeded head) with the chosen init applied, on CPU, in float32.
+
+    lora-ga: apply_lora_ga from the artifact; lora: PEFT's default init; pissa: PEFT's PiSSA
+    (the initial factors are recorded so save_adapter writes an adapter for the original base);
+    full: every parameter trainable. All LoRA variants use the same rsLoRA setting, no dropout by
+    default, and train sequence-classification heads in full (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..models import load_model, new_head_modules
+
+    model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed)
+    heads = new_head_modules(model, task)
+    if opts.init == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if opts.init == "lora-ga":
+        if artifact is None:
+            raise ValueError("init lora-ga needs an init artifact.")
+        return apply_lora_ga(
+            model, artifact, rank=opts.rank, alpha=opts.alpha, direction=opts.direction, scale=opts.scale,
+            gamma=opts.gamma, use_rslora=opts.use_rslora, lora_dropout=opts.lora_dropout,
+            modules_to_save=heads or None, seed=opts.seed,
+        )
+    names = find_target_modules(model, opts.target_modules)
+    modules = dict(model.named_modules())
+    extra = {}
+    if opts.init == "peft-lora-ga":
+        from peft.tuners.lora import LoraGAConfig
+
+        peft_scale = {"gd": "gd_scale"}.get(opts.scale, opts.scale)
+        extra = dict(lora_ga_config=LoraGAConfig(direction=opts.direction, scale=peft_scale, stable_gamma=int(opts.gamma)))
+    config = LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        target_modules=exact_names_regex(names),
+        use_rslora=opts.use_rslora,
+        lora_dropout=opts.lora_dropout,
+        init_lora_weights={"lora": True, "pissa": PISSA_INIT, "peft-lora-ga": "lora_ga"}[opts.init],
+        fan_in_fan_out=all(is_transposed(modules[n]) for n in names),
+        modules_to_save=heads or None,
+        task_type=infer_task_type(model),
+        **extra,
+    )
+    if opts.init == "peft-lora-ga":
+        _peft_loraga_preprocess(opts, spec, task, model, config)
+    torch.manual_seed(opts.seed)
+    peft_model = get_peft_model(model, config)
+    if opts.init in ("pissa", "peft-lora-ga"):
+        inner = peft_model.base_model.model
+        state = InitState(opts.rank, float(opts.alpha), 0.0, opts.use_rslora, opts.init, opts.init, 0.0, None)
+        for name in names:
+            layer = inner.get_submodule(name)
+            state.eta = float(layer.scaling["default"])
+            state.A0[name] = layer.lora_A["default"].weight.detach().float().cpu().clone()
+            state.B0[name] = layer.lora_B["default"].weight.detach().float().cpu().clone()
+        set_init_state(peft_model, state)
+    return peft_model
+
+
+def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:
+    """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
+    pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
+    from peft.tuners.lora import preprocess_loraga
+
+    from ..data import Encoder, iter_batches, load_split, sample_table
+    from ..models import load_tokenizer
+
+    table = sample_table(load_split(opts.data, "train", **column_kwargs(opts)), opts.init_samples, opts.seed)
+    tok = load_tokenizer(spec)
+    batches = list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
+    device = next(model.parameters()).device
+
+    def train_step():
+        for b in batches:
+            model(**{k: v.to(device) for k, v in b.items()}).loss.backward()
+
+    preprocess_loraga(model, config, train_step)

@@ -1,0 +1,228 @@
+"""The training loop of one Ray Train worker (``train_loop_per_worker`` of the TorchTrainer).
+
+Per step: the learning rate of the schedule (linear warm-up, cosine decay), forward and backward
+under autocast (bf16 on CUDA), gradient clipping, AdamW; evaluation every ``eval_every`` steps
+and at the end; a checkpoint every ``checkpoint_every`` steps (default: at evaluations) and at
+the end, where rank 0 also writes the deliverable into the checkpoint. Reports to Ray Train are
+batched (see :meth:`WorkerRun.report_due`)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..options import TrainOptions
+from .build import artifact_from_payload, build_model
+from .checkpoints import load_checkpoint, save_checkpoint, trainable_parameters, write_deliverable
+from .evaluate import evaluate, to_device
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base lr for update number ``step`` (0-based): linear warmup to 1 over
+    ``warmup`` updates, then cosine decay towards 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps(warmup_ratio: float, total: int) -> int:
+    return int(math.ceil(warmup_ratio * total))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one step on one worker (dropout): the same after a resume."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def say(msg: str) -> None:
+    """One progress line from a worker. sys.stdout.write, not print: Ray Train patches print
+    into its logger, which shows every line twice on the driver."""
+    sys.stdout.write(f"[loraga-ray train] {msg}\n")
+    sys.stdout.flush()
+
+
+class WorkerRun:
+    """The state of one worker's run: model, optimizer, where it resumed, what it reported."""
+
+    def __init__(self, config: dict):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        from ..models import load_tokenizer
+
+        self.config, self.opts = config, TrainOptions(**config["options"])
+        self.task, self.total = config["task"], config["total_steps"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device() if config["cuda"] else torch.device("cpu")
+        self.device = device[0] if isinstance(device, list) else device
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext
+        self.tokenizer = load_tokenizer(config["spec"])
+        artifact = artifact_from_payload(ray.get(config["artifact_ref"])) if config.get("artifact_ref") is not None else None
+        torch.manual_seed(self.opts.seed)
+        model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact)
+        del artifact
+        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
+        self.params = [p for _, p in trainable_parameters(self.model)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.opts.lr, weight_decay=self.opts.weight_decay)
+        self.per_worker = self.opts.batch_size // self.world
+        self.start_step, self.history, self.eval_batches = 0, [], None
+        self.last_report = self.t_start = time.perf_counter()
+        self.last_reported_step = 0
+        self.report_interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
+
+    def resume(self) -> None:
+        """Continue from Ray Train's latest checkpoint, if there is one."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d), self.model, self.optimizer)
+        self.start_step, self.history = int(state["step"]), list(state["history"])
+        self.last_reported_step = self.start_step
+        if self.rank == 0:
+            say(f"resuming from step {self.start_step} of {self.total}")
+
+    def batches(self):
+        """(step, raw batch) of the steps still to run: the run's fixed stream, with the steps
+        consumed before the checkpoint skipped."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        for i, raw in enumerate(shard.iter_batches(batch_size=self.per_worker, batch_format="numpy", prefetch_batches=1)):
+            step = i + 1
+            if step > self.total:
+                return
+            if step <= self.start_step:
+                continue
+            if step == self.start_step + 1:
+                self.t_start = time.perf_counter()  # the rate counts training, not start-up
+            yield step, raw
+
+    def train_step(self, step: int, raw: dict) -> dict:
+        """One optimizer step; the loss and gradient norm are averaged over the workers."""
+        from ..data import collate
+
+        opts = self.opts
+        lr = opts.lr * lr_factor(step - 1, self.total, self.config["warmup_steps"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(step_seed(opts.seed, step, self.rank))  # dropout: the same after a resume
+        self.model.train()
+        batch = to_device(collate(raw, self.tokenizer.pad_token_id, self.task), self.device)
+        with self.autocast():
+            loss = self.model(**batch).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Rank 0 decides when enough time has passed for a report; the all-reduce tells every worker.
+        report_time = float(self.rank == 0 and opts.report_every is None
+                            and time.perf_counter() - self.last_report >= self.report_interval)
+        stats = torch.tensor([float(loss.detach()), float(grad_norm), report_time], dtype=torch.float64, device=loss.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+            stats[:2] /= self.world
+        self.report_time = bool(stats[2] > 0)
+        return {"step": step, "train_loss": float(stats[0]), "lr": lr, "grad_norm": float(stats[1]),
+                "epoch": step / self.config["steps_per_epoch"]}
+
+    def evaluate(self) -> dict:
+        """Eval metrics; each worker evaluates every world-th batch of the eval rows."""
+        import ray.train
+
+        from ..data import Encoder, collate
+
+        if self.eval_batches is None:
+            self.eval_batches = []
+            encoder = Encoder(self.tokenizer, self.task, max_length=self.opts.max_length)
+            rows = ray.train.get_dataset_shard("eval").iter_batches(batch_size=max(self.per_worker, 8), batch_format="numpy")
+            for j, eraw in enumerate(rows):
+                if j % self.world == self.rank:
+                    batch = collate(encoder(eraw), self.tokenizer.pad_token_id, self.task)
+                    self.eval_batches.append((batch, list(eraw.get("response", []))))
+        return evaluate(self.model, self.eval_batches, self.task, self.device, self.autocast, self.tokenizer, self.world)
+
+    def print_progress(self, metrics: dict) -> None:
+        step = metrics["step"]
+        if self.rank != 0 or not (step % max(1, self.total // 20) == 0 or step == self.total or "eval_loss" in metrics):
+            return
+        rate = (step - self.start_step - 1) / max(time.perf_counter() - self.t_start, 1e-9)
+        extra = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
+        say(f"step {step}/{self.total} loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e}{extra} ({rate:.2f} step/s)")
+
+    def report_due(self, metrics: dict, checkpoint_now: bool) -> bool:
+        """Reports are batched: Ray Train's controller takes one report per poll (every
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a report every step would throttle
+        training. A report comes at every checkpoint and evaluation, every ``report_every`` steps,
+        or when rank 0 says ~2 s have passed."""
+        every = self.opts.report_every
+        return (checkpoint_now or "eval_loss" in metrics or self.report_time
+                or (every is not None and metrics["step"] % every == 0))
+
+    def report(self, metrics: dict, checkpoint_now: bool) -> None:
+        """Report the steps since the last report (their mean train loss, and each step's row);
+        with a checkpoint (rank 0 writes it, and at the end the deliverable) when due."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        step, done = metrics["step"], bool(metrics.get("done"))
+        window = self.history[len(self.history) - (step - self.last_reported_step):]
+        report = dict(metrics, train_loss=float(np.mean([h["train_loss"] for h in window])), step_metrics=window)
+        tmp = None
+        if checkpoint_now and self.rank == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="loraga-ckpt-"))
+            save_checkpoint(tmp, self.model, self.optimizer, {"step": step, "total_steps": self.total, "history": self.history,
+                                                              "done": done, "init": self.opts.init, "seed": self.opts.seed})
+            if done:
+                write_deliverable(tmp, self.model, self.opts.init, self.tokenizer)
+        try:
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)) if tmp else None)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.last_reported_step, self.last_report = step, time.perf_counter()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer (see :func:`loraga_ray.jobs.train.build_trainer`
+    for ``config``)."""
+    run = WorkerRun(config)
+    run.resume()
+    opts, total = run.opts, run.total
+    checkpoint_every = opts.checkpoint_every or opts.eval_every
+    for step, raw in run.batches():
+        metrics = run.train_step(step, raw)
+        done = step == total
+        stopping = opts.stop_after is not None and step >= opts.stop_after and not done
+        if step % opts.eval_every == 0 or done:
+            metrics.update(run.evaluate())
+        if done:
+            metrics["done"] = True
+        run.history.append(metrics)
+        run.print_progress(metrics)
+        checkpoint_now = step % checkpoint_every == 0 or done or stopping
+        if run.report_due(metrics, checkpoint_now):
+            run.report(metrics, checkpoint_now)
+        if stopping:
+            if run.rank == 0:
+                say(f"stopped after step {step} as asked; continue with --resume")
+            return
