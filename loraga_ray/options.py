@@ -77,6 +77,8 @@ class InitOptions:
     data: str = opt(help="demo-rotten-tomatoes, demo-arithmetic, a local .parquet/.jsonl/.csv file or folder, "
                          "a save_to_disk folder, or an s3:// / gs:// parquet, jsonl or csv location")
     out: str | None = opt(None, "where the artifact goes: a local folder, s3://bucket/prefix or gs://bucket/prefix")
+    overwrite: bool = opt(False, "replace an init artifact already at --out (kept until the new one is complete); "
+                                 "anything else there is never touched")
     num_samples: int = opt(256, "examples in the gradient estimate", flag="--init-samples", aliases=("--num-samples",))
     batch_size: int = opt(8, "examples per forward/backward pass of the estimate")
     max_rank: int = opt(32, "largest LoRA rank the artifact serves; it keeps 2 x max_rank singular triplets")

@@ -485,7 +485,7 @@ def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     monkeypatch.setattr(A, "save_file", boom)
     art.meta["seed"] = 123
     with pytest.raises(KeyboardInterrupt):
-        art.save(tmp_path / "init")
+        art.save(tmp_path / "init", overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         art.save(tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]  # no temp folders, no half artifact

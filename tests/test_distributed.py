@@ -352,7 +352,7 @@ def test_storage_remote_round_trip_and_interrupted_upload(tmp_path, monkeypatch)
     real_upload = storage._upload_file
     monkeypatch.setattr(storage, "_upload_file", failing_upload)
     with pytest.raises(OSError, match="network went away"):
-        storage.save_artifact(art, "runs/init", filesystem=fs)
+        storage.save_artifact(art, "runs/init", filesystem=fs, overwrite=True)
     assert uploads[-1].endswith(META_FILE) and len(uploads) == 2  # factors first, meta last
     with pytest.raises(ArtifactError, match="not an init artifact"):
         storage.load_artifact("runs/init", filesystem=fs)

@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except Exception as e:
         if args.verbose:
             raise
-        print(f"loraga-ray {args.command}: error: {e}", file=sys.stderr)
+        from ..jobs.cluster import error_message
+
+        print(f"loraga-ray {args.command}: error: {error_message(e)}", file=sys.stderr)
         return 1
 
 

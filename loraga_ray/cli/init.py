@@ -16,6 +16,7 @@ def add_arguments(p) -> None:
     add_option(g, InitOptions, "model", required=True)
     add_option(g, InitOptions, "data", required=True)
     add_option(g, InitOptions, "out", required=True)
+    add_option(g, InitOptions, "overwrite")
     add_options(g, InitOptions, ("split", "task", "text_column", "label_column", "prompt_column", "response_column",
                                  "num_labels", "target_modules"))
     g = p.add_argument_group("the estimate")

@@ -108,10 +108,9 @@ def _check_args(artifact: InitArtifact, rank: int, alpha: float, direction: str,
         raise ValueError(f"scale={scale!r} is not one of {SCALES}.")
     if not (isinstance(rank, int) and rank >= 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    if alpha <= 0:
-        raise ValueError(f"alpha must be positive, got {alpha}.")
-    if scale == "stable" and gamma <= 0:
-        raise ValueError(f"gamma must be positive, got {gamma}.")
+    for name, value in (("alpha", alpha), ("gamma", gamma)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
     if rank > artifact.max_rank:
         raise ArtifactError(
             f"rank={rank} is larger than this artifact allows: it holds k={artifact.k} singular vectors per "
@@ -237,14 +236,17 @@ def adapter_for_original_base(model: nn.Module, adapter_name: str = "default"):
     return sd, config
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, adapter_name: str = "default",
+                 overwrite: bool = False) -> Path:
     """Write a standard PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) that
     ``PeftModel.from_pretrained(original_base, out_dir)`` loads to reproduce ``model``'s outputs.
 
-    The folder is written atomically (temporary sibling, then rename)."""
+    The folder is written atomically (temporary sibling, then put in place). An adapter this
+    tool wrote before is replaced only with ``overwrite=True``; any other existing folder with
+    files in it is refused and left as it is."""
     out_dir = Path(out_dir)
     sd, config = adapter_for_original_base(model, adapter_name)
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, kind="adapter", overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         state = init_state(model, adapter_name)
@@ -261,11 +263,15 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return _unwrap(model).merge_and_unload()
 
 
-def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Merge (in place) and save full weights with ``save_pretrained`` (safetensors)."""
-    merged = merge_adapter(model)
+def save_merged(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Merge (in place) and save full weights with ``save_pretrained`` (safetensors). The
+    destination is checked first, as for :func:`save_adapter`, before the model is merged."""
+    from .files import check_destination
+
     out_dir = Path(out_dir)
-    with atomic_folder(out_dir) as tmp:
+    check_destination(out_dir, "merged model", overwrite)
+    merged = merge_adapter(model)
+    with atomic_folder(out_dir, kind="merged model", overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

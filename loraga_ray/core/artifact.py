@@ -6,7 +6,13 @@ On disk it is a folder:
   ``<name>.V`` (d_in x k), float32, columns by descending singular value, G ~ U diag(S) V^T
   where G is the mean-loss gradient in (d_out, d_in) orientation.
 * ``meta.json``: format, format_version, base_model, fingerprint, target_modules, shapes, k,
-  max_rank, num_examples, num_targets, seed, svd settings, dataset fingerprint, versions, timings.
+  max_rank, num_examples, num_targets, seed, svd settings, dataset fingerprint, versions, timings,
+  and (format version 2) ``factors_sha256``, the sha256 of ``factors.safetensors``, so a reader
+  refuses factors and meta that come from different writes or a damaged file.
+
+Format version 2 (this one) adds ``factors_sha256`` and reserves the optional keys ``strategy``,
+``driver_bytes_received`` (how the estimate ran) and ``head`` (a new classifier head saved with
+the artifact); readers take version-1 artifacts (no checksum) as they were.
 
 One artifact serves every rank r <= k/2, every direction, scale, gamma and alpha.
 """
@@ -29,7 +35,8 @@ from .files import atomic_folder
 from .targets import is_transposed
 
 FORMAT = "loraga-ray-init"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+REQUIRED_META = ("format", "format_version", "k", "target_modules", "shapes")
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
 
@@ -72,6 +79,15 @@ def weight_fingerprint(model: nn.Module, names) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """sha256 (hex) of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def base_model_id(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "_name_or_path", None) or None
@@ -100,51 +116,91 @@ class InitArtifact:
         return {n: f[1] for n, f in self.factors.items()}
 
     # ------------------------------------------------------------------ disk
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the folder atomically: a temporary sibling is filled, then renamed into place,
-        so an interrupted save leaves no half-written artifact. An existing folder is replaced."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the folder atomically: a temporary sibling is filled, then put in place, so an
+        interrupted save leaves no half-written artifact. An existing artifact is replaced only
+        with ``overwrite=True``; a folder that is not an artifact is never touched (see
+        :func:`loraga_ray.core.files.atomic_folder`). ``meta`` gains ``factors_sha256``."""
         path = Path(path)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, kind="init artifact", overwrite=overwrite) as tmp:
             tensors = {}
             for name, (U, S, V) in self.factors.items():
                 tensors[f"{name}.U"] = U.detach().to("cpu", torch.float32).contiguous()
                 tensors[f"{name}.S"] = S.detach().to("cpu", torch.float32).contiguous()
                 tensors[f"{name}.V"] = V.detach().to("cpu", torch.float32).contiguous()
             save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            self.meta = dict(self.meta, format=FORMAT, format_version=FORMAT_VERSION,
+                             factors_sha256=file_sha256(tmp / FACTORS_FILE))
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InitArtifact":
+        """Read and check an artifact folder. Raises :class:`ArtifactError` naming the file and the
+        fix for a missing or unreadable file, a ``meta.json`` that is not JSON or lacks a key, a
+        newer format version, factors that do not match the checksum in ``meta.json``, NaN/Inf in
+        a factor, or shapes that disagree with ``meta.json``."""
         path = Path(path)
         meta_path, fac_path = path / META_FILE, path / FACTORS_FILE
+        again = "Estimate it again (`loraga-ray init ... --overwrite`), or copy the whole artifact folder anew."
         if not meta_path.is_file() or not fac_path.is_file():
             raise ArtifactError(
                 f"{path} is not an init artifact: it needs {META_FILE} and {FACTORS_FILE}. "
                 "Create one with `loraga-ray init` or estimate_init(...).save(path)."
             )
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{meta_path} is not valid JSON ({e}); the artifact is damaged. {again}") from None
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{meta_path} holds {type(meta).__name__}, not a JSON object; the artifact is damaged. {again}")
         if meta.get("format") != FORMAT:
-            raise ArtifactError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
-        if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+            raise ArtifactError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}: it is not a "
+                                "loraga-ray init artifact.")
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if missing:
+            raise ArtifactError(f"{meta_path} lacks {', '.join(repr(k) for k in missing)}; the artifact is damaged. {again}")
+        version = meta["format_version"]
+        if not isinstance(version, int) or version < 1:
+            raise ArtifactError(f"{meta_path}: format_version {version!r} is not a positive integer. {again}")
+        if version > FORMAT_VERSION:
             raise ArtifactError(
-                f"{path} was written by a newer loraga-ray (format version {meta['format_version']}, "
-                f"this one reads {FORMAT_VERSION}). Upgrade loraga-ray."
+                f"{path} was written by a newer loraga-ray (format version {version}, this one reads up to "
+                f"{FORMAT_VERSION}). Upgrade loraga-ray (pip install -U loraga-ray) to read it."
             )
-        tensors = load_file(str(fac_path))
+        if version >= 2:
+            want = meta.get("factors_sha256")
+            if not want:
+                raise ArtifactError(f"{meta_path} (format version {version}) lacks 'factors_sha256'. {again}")
+            got = file_sha256(fac_path)
+            if got != want:
+                raise ArtifactError(
+                    f"{fac_path} does not match {META_FILE} (sha256 {got[:12]}, meta.json says {str(want)[:12]}): the "
+                    f"two files come from different writes, or the factors are damaged or truncated. {again}"
+                )
+        try:
+            tensors = load_file(str(fac_path))
+        except Exception as e:  # safetensors' own error type for a truncated or garbled file
+            raise ArtifactError(f"{fac_path} cannot be read ({e}): it is truncated or damaged. {again}") from None
         k = int(meta["k"])
         factors = {}
         for name in meta["target_modules"]:
             try:
                 U, S, V = tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"]
             except KeyError as e:
-                raise ArtifactError(f"{fac_path} lacks tensor {e.args[0]!r} listed in meta.json.") from None
-            d_out, d_in = meta["shapes"][name]
+                raise ArtifactError(f"{fac_path} lacks tensor {e.args[0]!r} listed in meta.json. {again}") from None
+            try:
+                d_out, d_in = meta["shapes"][name]
+            except (KeyError, TypeError, ValueError):
+                raise ArtifactError(f"{meta_path}: 'shapes' has no (d_out, d_in) for layer {name!r}. {again}") from None
             if U.shape != (d_out, k) or S.shape != (k,) or V.shape != (d_in, k):
                 raise ArtifactError(
                     f"{fac_path}: layer {name!r} has U{tuple(U.shape)} S{tuple(S.shape)} V{tuple(V.shape)}, "
-                    f"expected U({d_out}, {k}) S({k},) V({d_in}, {k})."
+                    f"expected U({d_out}, {k}) S({k},) V({d_in}, {k}) from {META_FILE}. {again}"
                 )
+            for part, t in (("U", U), ("S", S), ("V", V)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ArtifactError(f"{fac_path}: {name}.{part} holds NaN or Inf; the artifact is unusable. {again}")
             factors[name] = (U, S, V)
         return cls(factors=factors, meta=meta)
 

@@ -8,8 +8,9 @@ half-written artifact behind:
 * remotely, the artifact is first written to a local temporary folder, then uploaded one object
   at a time with ``meta.json`` last. Object PUTs are atomic, and a prefix without ``meta.json`` is
   not an artifact (``load`` refuses it), so a reader sees either the complete new artifact or no
-  artifact. An existing ``meta.json`` is deleted before the new factors are uploaded, so an
-  interrupted overwrite never pairs an old ``meta.json`` with new factors.
+  artifact. An existing ``meta.json`` is deleted before the new factors are uploaded, and
+  ``meta.json`` records the sha256 of the factors: a reader refuses factors and meta of
+  different writes (two writers racing on one prefix, or a copy made half-way).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .artifact import FACTORS_FILE, META_FILE, ArtifactError, InitArtifact
+from .files import OutputError, check_destination
 
 CHUNK = 8 << 20  # bytes per write when uploading or downloading
 
@@ -74,14 +76,37 @@ def _exists(fs, path: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
-def save_artifact(artifact: InitArtifact, uri: str | os.PathLike, *, filesystem=None) -> str:
-    """Write ``artifact`` to a local folder or a remote prefix; returns where it went.
+def check_artifact_destination(uri: str | os.PathLike, *, overwrite: bool = False, filesystem=None) -> None:
+    """Raise :class:`~loraga_ray.core.files.OutputError`, touching nothing, unless an artifact may
+    be written at ``uri``: nothing there, or (with ``overwrite``) an artifact. Remotely, objects
+    under the prefix other than an artifact's two files are never overwritten."""
+    if filesystem is None and not is_remote(uri):
+        check_destination(local_path(uri), "init artifact", overwrite)
+        return
+    import pyarrow.fs
+
+    fs, path = resolve(str(uri), filesystem)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+    names = {info.path[len(path):].lstrip("/") for info in infos if info.type == pyarrow.fs.FileType.File}
+    foreign = sorted(names - {FACTORS_FILE, META_FILE})
+    if foreign:
+        raise OutputError(f"{uri} already holds objects that are not an init artifact ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); nothing was touched. Choose another prefix.")
+    if META_FILE in names and not overwrite:
+        raise OutputError(f"{uri} already holds an init artifact. Pass --overwrite (API: overwrite=True) to replace "
+                          "it, or choose another prefix.")
+
+
+def save_artifact(artifact: InitArtifact, uri: str | os.PathLike, *, overwrite: bool = False, filesystem=None) -> str:
+    """Write ``artifact`` to a local folder or a remote prefix; returns where it went. An existing
+    artifact is replaced only with ``overwrite``; anything else there is refused.
 
     ``filesystem``: a ``pyarrow.fs.FileSystem`` to write into instead of resolving ``uri``
     (then ``uri`` is a path inside it), e.g. an ``S3FileSystem`` with explicit credentials.
     """
     if filesystem is None and not is_remote(uri):
-        return str(artifact.save(local_path(uri)))
+        return str(artifact.save(local_path(uri), overwrite=overwrite))
+    check_artifact_destination(uri, overwrite=overwrite, filesystem=filesystem)
     fs, path = resolve(str(uri), filesystem)
     with tempfile.TemporaryDirectory(prefix="loraga-ray-upload-") as tmp:
         folder = artifact.save(Path(tmp) / "artifact")
@@ -90,7 +115,7 @@ def save_artifact(artifact: InitArtifact, uri: str | os.PathLike, *, filesystem=
         if _exists(fs, meta_path):
             fs.delete_file(meta_path)  # from here on the prefix is "no artifact" until the new meta lands
         for name in sorted(os.listdir(folder)):
-            if name != META_FILE:
+            if name not in (META_FILE, ".loraga-ray.json"):
                 _upload_file(folder / name, fs, f"{path}/{name}")
         _upload_file(folder / META_FILE, fs, meta_path)  # the commit point
     return str(uri)

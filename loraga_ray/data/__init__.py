@@ -14,6 +14,7 @@ from .sources import (
     SPLITS,
     TASKS,
     DatasetNotFoundError,
+    check_labels,
     infer_task,
     load_split,
     read_whole,
@@ -23,7 +24,7 @@ from .sources import (
 
 __all__ = [
     "CANONICAL_COLUMNS", "DEMO_DATASETS", "DEMO_DATA_SPECS", "IGNORE_INDEX", "SPLITS", "TASKS",
-    "DataSpec", "DatasetNotFoundError", "Encoder", "collate", "infer_task", "iter_batches", "load_split",
+    "DataSpec", "DatasetNotFoundError", "check_labels", "Encoder", "collate", "infer_task", "iter_batches", "load_split",
     "read_whole", "sample_indices", "sample_table", "select_columns", "split_sources", "supervised_count",
     "table_fingerprint",
 ]

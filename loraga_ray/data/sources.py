@@ -262,16 +262,44 @@ def select_columns(table: pa.Table, source: str, task: str | None = None, *, tex
             column = column.cast(pa.string())
         columns.append(column)
     table = pa.Table.from_arrays(columns, names=list(wanted))
+    if "label" in wanted:
+        check_labels(table, source)
 
+    # rows without a value, or (text, response) with only white space: nothing to learn from, and
+    # a batch of only such rows would average the loss over zero targets (NaN)
     keep = None
     for role in wanted:
-        valid = pc.is_valid(table.column(role))
+        column = table.column(role)
+        valid = pc.is_valid(column)
+        if role in ("text", "response"):
+            valid = pc.and_(valid, pc.invert(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True)))
         keep = valid if keep is None else pc.and_(keep, valid)
     dropped = table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
     if dropped:
-        warnings.warn(f"{source}: dropped {dropped} of {table.num_rows} rows with empty (null) values")
+        what = "null values" + (" or empty text" if "text" in wanted else " or an empty response")
+        warnings.warn(f"{source}: dropped {dropped} of {table.num_rows} rows with {what}")
         table = table.filter(keep)
     return table
+
+
+def check_labels(table: pa.Table, source: str, num_labels: int | None = None) -> None:
+    """Raise ValueError naming the split (``source``) and the first row whose class id is
+    negative or, with ``num_labels``, not below it. The one label check of every split."""
+    labels = table.column("label")
+    bad = pc.less(labels, 0)
+    if num_labels is not None:
+        bad = pc.or_(bad, pc.greater_equal(labels, num_labels))
+    bad = pc.fill_null(bad, False)
+    if not pc.any(bad).as_py():
+        return
+    row = int(pc.index(bad, True).as_py())
+    value = labels[row].as_py()
+    span = f"0..{num_labels - 1}" if num_labels is not None else "0..num_labels-1"
+    raise ValueError(
+        f"{source}: row {row} has label {value}, but labels must be class ids {span}"
+        + (" (the training split's classes)" if num_labels is not None else "")
+        + ". Fix or drop that row, or map the labels to ids first."
+    )
 
 
 def load_split(

@@ -96,3 +96,42 @@ def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
             "GCS port (default 6379) or ray://host:10001 for Ray Client, and that this machine can reach it; "
             "leave --address/RAY_ADDRESS unset to run on an embedded local Ray instead."
         ) from e
+
+
+def cause_of(error: BaseException) -> BaseException:
+    """The user-level exception inside Ray's task / Ray Data wrappers."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def reraise_clean(error: BaseException):
+    """Raise the cause of a failed Ray task as itself when it is one of ours (a clear message)."""
+    cause = cause_of(error)
+    if isinstance(cause, (ValueError, TypeError, FileNotFoundError, ImportError)):
+        raise cause from None
+    raise error
+
+
+def error_message(error: BaseException) -> str:
+    """What the user reads for a failed command: our own message (also from inside a Ray task,
+    actor or Train worker, whose wrappers carry the remote traceback), or for anything else its
+    type and first line, with the way to the traceback. Never a traceback itself."""
+    cause = cause_of(error)
+    ours = (ValueError, TypeError, FileNotFoundError, RuntimeError)
+    for e in (error, cause):  # the outer message when it is ours and clean (it may add advice), else the cause's
+        text = str(e).strip()
+        if isinstance(e, ours) and not _is_ray_wrapper(e) and "Traceback (most recent call last)" not in text:
+            return text
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"unexpected {type(cause).__name__}: {first} (run with -v for the traceback, and please report it)"
+
+
+def _is_ray_wrapper(e: BaseException) -> bool:
+    return type(e).__module__.startswith("ray.") or "RayTaskError" in type(e).__name__
+

@@ -16,7 +16,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..core.files import write_json
+from ..core.files import output_lock, write_json
+from .run_folder import check_ours, claim
 from ..options import DemoOptions, InitOptions, TrainOptions
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,16 @@ def resolve_defaults(opts: DemoOptions) -> DemoOptions:
 
 
 def run_demo(opts: DemoOptions) -> int:
+    """The demo end to end into ``opts.out``; a rerun continues (or reuses) its own runs there."""
+    args = resolve_defaults(opts)
+    out = Path(args.out).expanduser().resolve()
+    with output_lock(out):  # one demo per folder
+        check_ours(out, "demo")  # a rerun continues its own runs; any other folder is left alone
+        claim(out, "demo")
+        return _demo(args, out)
+
+
+def _demo(args: DemoOptions, out: Path) -> int:
     from ..curves import final_train_loss, steps_to_reach
     from ..models import resolve_model
     from ..plots import plot_method_curves
@@ -50,9 +61,6 @@ def run_demo(opts: DemoOptions) -> int:
     from .init import run_init
     from .train import fit
 
-    args = resolve_defaults(opts)
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     spec = resolve_model(args.model)  # a clear error (with the pip command) before Ray starts
     connect(args.address, min_cpus=8, quiet=True)
     tracking_uri = args.tracking_uri or default_tracking_uri(out)

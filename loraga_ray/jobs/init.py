@@ -22,6 +22,7 @@ Stages, each timed in the summary:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.artifact import InitArtifact, build_meta
+from ..core.files import output_lock
 from ..options import InitOptions
 from .cluster import connect
 from .gradient_worker import WorkerLostError, check_counts, kill_workers, reserve, run_gradient, start_workers
@@ -43,16 +45,15 @@ log = logging.getLogger(__name__)
 __all__ = ["InitOptions", "WorkerLostError", "run_init", "format_summary", "check_out"]
 
 
-def check_out(out: str) -> None:
-    """The artifact's destination must be writable (checked before the expensive work)."""
-    from ..core.storage import is_remote, local_path, resolve
+def check_out(out: str, overwrite: bool = False) -> None:
+    """The artifact's destination must be writable and hold nothing we would lose (checked before
+    the expensive work)."""
+    from ..core.storage import check_artifact_destination, is_remote, local_path
 
+    check_artifact_destination(out, overwrite=overwrite)  # also: unknown scheme, missing credentials
     if is_remote(out):
-        resolve(out)  # unknown scheme, missing credentials: a clear error now rather than at the end
         return
     path = local_path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {out} is an existing file; the artifact is a folder. Pick another path.")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -78,14 +79,23 @@ def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
     single-process :func:`loraga_ray.core.estimate.estimate_init` on the same sample to float32
     rounding.
     """
-    import ray
-
     from ..models import resolve_model
 
     opts.validate()
     spec = resolve_model(opts.model, opts.task)  # clear error for an unknown model, before Ray starts
-    if opts.out:
-        check_out(opts.out)
+    with contextlib.ExitStack() as stack:
+        if opts.out:
+            from ..core.storage import is_remote, local_path
+
+            if not is_remote(opts.out):  # one writer per output, for the whole run
+                stack.enter_context(output_lock(local_path(opts.out)))
+            check_out(opts.out, opts.overwrite)
+        return _connect_and_estimate(opts, spec.task)
+
+
+def _connect_and_estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
+    import ray
+
     started_ray = not ray.is_initialized()
     if started_ray:
         connect(opts.address, quiet=opts.progress)
@@ -93,7 +103,7 @@ def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
         log.warning("Ray is already initialised in this process; using that instance, not --address %s", opts.address)
     try:
         with data_context():
-            return _estimate(opts, spec.task)
+            return _estimate(opts, task)
     finally:
         if started_ray:
             ray.shutdown()
@@ -132,7 +142,7 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
     if opts.out:
         from ..core.storage import save_artifact
 
-        out = save_artifact(artifact, opts.out)
+        out = save_artifact(artifact, opts.out, overwrite=opts.overwrite)
     times["write_s"] = time.perf_counter() - t3
     return artifact, _summary(opts, info, grads, plan, times, out, time.perf_counter() - t0)
 

@@ -16,29 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..options import InitOptions, column_kwargs
+from .cluster import reraise_clean
 
 SAMPLE_INDEX = "_sample_index"  # column carrying each sampled row's position in the sample
 TOKENISE_ROWS = 1024  # rows per tokenisation task
-
-
-def cause_of(error: BaseException) -> BaseException:
-    """The user-level exception inside Ray's task / Ray Data wrappers."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
-        if inner is None or not isinstance(inner, BaseException):
-            break
-        error = inner
-    return error
-
-
-def reraise_clean(error: BaseException):
-    """Raise the cause of a failed Ray task as itself when it is one of ours (a clear message)."""
-    cause = cause_of(error)
-    if isinstance(cause, (ValueError, TypeError, FileNotFoundError, ImportError)):
-        raise cause from None
-    raise error
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..core.files import atomic_folder, write_json
+from ..core.files import MARKER, OutputError, atomic_folder, output_kind, write_json, write_marker
 from ..options import RUN_DEFINING, TrainOptions
 from ..training.checkpoints import EXPORT_DIR, STATE_FILE
 
@@ -37,9 +37,30 @@ def saved_options(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_ours(out: Path, kind: str) -> None:
+    """Refuse, touching nothing, an existing ``out`` with files in it that is not our ``kind``."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out} is an existing file, not a folder; nothing was written. Choose another --out.")
+    found = output_kind(out)
+    if any(out.iterdir()) and found != kind:
+        what = f"a loraga-ray {found}" if found else "files loraga-ray did not write"
+        raise OutputError(f"--out {out} already exists and holds {what}, not a loraga-ray {kind}; nothing in it was "
+                          "touched. Choose another --out, or move that folder away yourself.")
+
+
+def claim(out: Path, kind: str) -> None:
+    """Create ``out`` (checked with :func:`check_ours`) and mark it as ours."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        write_marker(out, kind)
+
+
 def check_out_folder(opts: TrainOptions, out: Path) -> dict | None:
-    """Refuse to mix runs in one folder; on --resume, check the options match the stopped run.
-    Returns the saved options when resuming."""
+    """Refuse a folder that is not a training run of ours, and to mix runs in one folder; on
+    --resume, check the options match the stopped run. Returns the saved options when resuming."""
+    check_ours(out, "training run")
     saved = saved_options(out)
     if not opts.resume:
         if saved is not None or (out / RAY_DIR).exists():
@@ -91,7 +112,8 @@ def write_outputs(opts: TrainOptions, result, out: Path, mlflow_run_id: str | No
         state = json.loads((d / STATE_FILE).read_text())
         done = bool(state.get("done"))
         if done:
-            with atomic_folder(out / kind) as tmp:
+            # inside this run's own (locked) folder: a re-export after --resume replaces the last one
+            with atomic_folder(out / kind, kind="adapter" if kind == "adapter" else "merged model", overwrite=True) as tmp:
                 shutil.copytree(d / EXPORT_DIR / kind, tmp, dirs_exist_ok=True)
     history = state["history"]
     final = summarise(history, done)

@@ -47,6 +47,10 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
     spec = resolve_model(opts.model, task)
     num_labels = _num_labels(opts, train_table, task)
     train_table, eval_table, eval_source = _eval_table(opts, train_table)
+    if task == "seq-cls":
+        from ..data import check_labels
+
+        check_labels(eval_table, f"{opts.data} (evaluation: {eval_source})", num_labels)
     steps_per_epoch = train_table.num_rows // opts.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -70,11 +74,9 @@ def _num_labels(opts: TrainOptions, train_table, task: str) -> int:
         return 2  # unused by causal LMs
     import pyarrow.compute as pc
 
-    lo, hi = pc.min(train_table["label"]).as_py(), pc.max(train_table["label"]).as_py()
-    if lo is None:
+    hi = pc.max(train_table["label"]).as_py()  # negative labels were refused by load_split
+    if hi is None:
         raise ValueError(f"{opts.data} has no training rows.")
-    if lo < 0:
-        raise ValueError(f"{opts.data}: labels must be class ids 0..num_labels-1, found {lo}.")
     return max(2, int(hi) + 1)
 
 

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.artifact import InitArtifact
-from ..core.files import write_json
+from ..core.files import output_lock, write_json
 from ..options import SearchError, SearchOptions, TrainOptions, from_dict
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
 from .search_results import METRIC, best_record, collect_rows, log_results, pick_best, write_results
+from .run_folder import claim
 from .search_trial import ASHA_TIME, close_trial_runs, run_trial
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def _open_store_and_cluster(base: TrainOptions, sopts: SearchOptions, plan, esti
         tracking.open_experiment(tracking_uri, base.experiment)
     connect(base.address, min_cpus=local_cpus(base, sopts.max_concurrent))
     check_cluster(base, sopts, plan, estimate)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "search")
     tracking.open_experiment(tracking_uri, base.experiment)
     return tracking_uri
 
@@ -328,13 +329,20 @@ def search(base: TrainOptions | None, sopts: SearchOptions, *, out: str | os.Pat
     folder; each trial's config (the space's keys) overrides its fields. When resuming, ``base``
     may be None: the options saved in ``<out>/search.json`` are used. ``callbacks`` are extra
     Ray Tune callbacks (``ray.tune.Callback``)."""
-    from .. import tracking
-
     if out is None:
         if base is None:
             raise SearchError("search() needs the output folder: base.out or out=.")
         out = base.out
     out = Path(out).expanduser().resolve()
+    with output_lock(out):  # one search per folder: a second one fails at once, naming this one
+        return _search(base, sopts, out, callbacks)
+
+
+def _search(base: TrainOptions | None, sopts: SearchOptions, out: Path, callbacks: Sequence) -> SearchResult:
+    from .. import tracking
+    from .run_folder import check_ours
+
+    check_ours(out, "search")
     base, sopts, space, state = _new_or_resumed(base, sopts, out)
     sopts.validate(base)
     if base.max_steps is not None and base.eval_every >= base.max_steps:

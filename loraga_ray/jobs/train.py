@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..core.artifact import InitArtifact
-from ..core.files import write_json
+from ..core.files import output_lock, write_json
 from ..options import TrainOptions
 from .resources import WorkerResources, plan_workers
 from .run_folder import (
@@ -40,6 +40,7 @@ from .run_folder import (
     RUN_FILE,
     SINGULAR_VALUES_FILE,
     check_out_folder,
+    claim,
     read_run_record,
     write_outputs,
 )
@@ -172,12 +173,16 @@ def estimate_artifact(opts: TrainOptions, plan: RunPlan, dest: Path) -> InitArti
 def fit(opts: TrainOptions) -> dict:
     """Check, (estimate the init,) train, export and record one run; returns the final metrics
     (plus ``history``, ``out``, ``mlflow_run_id``)."""
+    opts.validate()
+    out = Path(opts.out).expanduser().resolve()
+    with output_lock(out):  # one run per folder: a second one fails at once, naming this one
+        return _fit(dataclasses.replace(opts, out=str(out)), out)
+
+
+def _fit(opts: TrainOptions, out: Path) -> dict:
     from .cluster import connect
 
     started = time.time()
-    opts.validate()
-    out = Path(opts.out).expanduser().resolve()
-    opts = dataclasses.replace(opts, out=str(out))
     saved = check_out_folder(opts, out)
     if saved is not None and opts.init == "lora-ga" and opts.artifact is None and (out / INIT_ARTIFACT_DIR / "meta.json").exists():
         opts = dataclasses.replace(opts, artifact=str(out / INIT_ARTIFACT_DIR))  # the one this run estimated
@@ -197,7 +202,7 @@ def fit(opts: TrainOptions) -> dict:
     tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
     if opts.tracking_uri:  # fails early with a clear message, before anything is written
         tracking.open_experiment(tracking_uri, opts.experiment)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "training run")
     if not opts.tracking_uri:
         tracking.open_experiment(tracking_uri, opts.experiment)
     opts = dataclasses.replace(opts, tracking_uri=tracking_uri)
@@ -225,8 +230,10 @@ def fit(opts: TrainOptions) -> dict:
         tracking.set_status(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, KeyboardInterrupt):
             raise
-        raise RuntimeError(f"training failed: {e}\nFix the cause, then continue with --resume --out {out} "
-                           "(from the last checkpoint, if any).") from e
+        from .cluster import error_message
+
+        raise RuntimeError(f"training failed: {error_message(e)}\nFix the cause, then continue with --resume --out "
+                           f"{out} (from the last checkpoint, if any).") from e
     return write_outputs(opts, result, out, run_id, tracking_uri, started)
 
 

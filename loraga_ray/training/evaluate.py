@@ -47,6 +47,10 @@ def evaluate_split(model, spec, data: str, split: str = "test", *, max_length: i
     from ..models import load_tokenizer
 
     table = load_split(data, split)
+    if spec.task == "seq-cls":
+        from ..data import check_labels
+
+        check_labels(table, f"{data} ({split})", int(getattr(getattr(model, "config", None), "num_labels", 0) or 0) or None)
     if limit is not None and table.num_rows > limit:
         table = sample_table(table, limit, seed)
     tok = load_tokenizer(spec)
