@@ -71,6 +71,48 @@ class ModelSpec:
     path: str
     gguf_file: str | None
     task: str
+    allow_pickle_weights: bool = False  # also load pytorch_model.bin (a pickle) when there is no safetensors
+
+
+class ModelLoadError(ValueError):
+    """A model folder whose weights are missing, damaged, or only in a pickle format."""
+
+
+def check_weights(folder: Path, allow_pickle: bool = False) -> None:
+    """Raise :class:`ModelLoadError` naming the folder (or file) unless its weights are complete
+    safetensors (every shard of an index present, every header and its data length intact), or,
+    with ``allow_pickle``, ``.bin`` files. Reads the headers only."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    redownload = "Copy or download the model again (its files are incomplete)."
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({e}). {redownload}") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder} lacks weight shards {missing[:3]} listed in {index.name}. {redownload}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # a header that does not parse, or data shorter than the header says
+            raise ModelLoadError(f"{f} is damaged or truncated ({e}). {redownload}") from None
+    if files:
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder} holds its weights only as {pickles[0]}, a pickle, which can run code when it is loaded; "
+            "loraga-ray loads safetensors. Convert it once (model.save_pretrained(folder, safe_serialization=True)) "
+            "or, if you trust the file, pass --allow-pickle-weights (API: allow_pickle_weights=True)."
+        )
+    if not pickles:
+        raise ModelLoadError(f"{folder} has config.json but no weights (*.safetensors). {redownload}")
 
 
 def _check_task(task: str | None) -> None:
@@ -130,14 +172,16 @@ def _task_from_architectures(architectures: list[str] | None) -> str | None:
     return None
 
 
-def resolve_model(name_or_path: str, task: str | None = None) -> ModelSpec:
+def resolve_model(name_or_path: str, task: str | None = None, *, allow_pickle_weights: bool = False,
+                  check: bool = True) -> ModelSpec:
     """Find a model locally and decide its task, without loading weights.
 
     ``name_or_path`` is a demo name (``demo-minilm``, ``demo-smollm2``), a local Hugging Face
     folder with ``config.json``, a ``.gguf`` file, or a folder holding one ``.gguf`` file.
     The task comes from ``task`` if given, else from ``config.architectures``
     (``…ForCausalLM`` -> causal-lm, ``…ForSequenceClassification`` -> seq-cls); GGUF files
-    default to causal-lm.
+    default to causal-lm. With ``check`` (the default) a folder's weights are checked
+    (:func:`check_weights`) without loading them.
     """
     _check_task(task)
     name = str(name_or_path)
@@ -170,7 +214,10 @@ def resolve_model(name_or_path: str, task: str | None = None) -> ModelSpec:
                 f"(architectures={config.get('architectures')}); pass task='seq-cls' or "
                 f"task='causal-lm' (--task on the command line)"
             )
-        return ModelSpec(name=name, path=str(path.resolve()), gguf_file=None, task=task or inferred)
+        if check:
+            check_weights(path, allow_pickle_weights)
+        return ModelSpec(name=name, path=str(path.resolve()), gguf_file=None, task=task or inferred,
+                         allow_pickle_weights=allow_pickle_weights)
 
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -186,7 +233,7 @@ def resolve_model(name_or_path: str, task: str | None = None) -> ModelSpec:
     )
 
 
-def _as_spec(spec_or_name: ModelSpec | str, task: str | None) -> ModelSpec:
+def _as_spec(spec_or_name: ModelSpec | str, task: str | None, check: bool = True) -> ModelSpec:
     _check_task(task)
     if isinstance(spec_or_name, ModelSpec):
         if task is None or task == spec_or_name.task:
@@ -194,10 +241,12 @@ def _as_spec(spec_or_name: ModelSpec | str, task: str | None) -> ModelSpec:
         if spec_or_name.name in DEMO_MODELS:
             return resolve_model(spec_or_name.name, task)  # checks the task suits the demo
         return dataclasses.replace(spec_or_name, task=task)
-    return resolve_model(spec_or_name, task)
+    return resolve_model(spec_or_name, task, check=check)
 
 
-def _pretrained_kwargs(spec: ModelSpec) -> dict:
+def _pretrained_kwargs(spec: ModelSpec, weights: bool = False) -> dict:
+    """from_pretrained keywords: offline; GGUF; and for the weights (``weights``), safetensors
+    only unless the spec allows pickled weights."""
     kwargs = {"local_files_only": True}
     if spec.gguf_file is not None:
         if importlib.util.find_spec("gguf") is None:
@@ -206,6 +255,8 @@ def _pretrained_kwargs(spec: ModelSpec) -> dict:
                 f"it. Install it with: pip install gguf"
             )
         kwargs["gguf_file"] = spec.gguf_file
+    elif weights and not spec.allow_pickle_weights:
+        kwargs["use_safetensors"] = True  # never unpickle weights unless the user said so
     return kwargs
 
 
@@ -222,7 +273,7 @@ def load_tokenizer(spec_or_name: ModelSpec | str, *, task: str | None = None):
     """Load the model's tokenizer: pad token set (eos if it had none), right padding."""
     from transformers import AutoTokenizer
 
-    spec = _as_spec(spec_or_name, task)
+    spec = _as_spec(spec_or_name, task, check=False)  # the tokenizer needs no weights
     tokenizer = AutoTokenizer.from_pretrained(spec.path, **_pretrained_kwargs(spec))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -253,19 +304,24 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     spec = _as_spec(spec_or_name, task)
-    kwargs = _pretrained_kwargs(spec)
-    config = AutoConfig.from_pretrained(spec.path, **kwargs)
+    config = AutoConfig.from_pretrained(spec.path, **_pretrained_kwargs(spec))
+    kwargs = _pretrained_kwargs(spec, weights=True)
     pad_token_id = _pad_token_id(config)
     if pad_token_id is None:
         pad_token_id = load_tokenizer(spec).pad_token_id
 
     torch.manual_seed(seed)
-    if spec.task == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.path, num_labels=num_labels, pad_token_id=pad_token_id, dtype=dtype, **kwargs
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **kwargs)
+    try:
+        if spec.task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.path, num_labels=num_labels, pad_token_id=pad_token_id, dtype=dtype, **kwargs
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"could not load the weights of {spec.name} from {spec.path}: {first}. Check that the "
+                             "folder holds the complete model (config.json and its *.safetensors).") from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     model.eval()
@@ -282,7 +338,7 @@ def meta_model(spec_or_name: ModelSpec | str, *, task: str | None = None, num_la
     for checks, at no memory cost. Only the config is read."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    spec = _as_spec(spec_or_name, task)
+    spec = _as_spec(spec_or_name, task, check=False)  # the config only
     config = AutoConfig.from_pretrained(spec.path, **_pretrained_kwargs(spec))
     with torch.device("meta"):
         if spec.task == "seq-cls":

@@ -106,6 +106,8 @@ class InitOptions:
     max_retries: int = opt(1, "rerun the gradient stage this often if a worker dies")
     resource_timeout: float | None = opt(None, "seconds to wait for the workers' resources (default 60 on a local Ray, "
                                                "600 on a joined cluster)")
+    allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
+                                            "code when loaded: only for files you trust")
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before anything expensive starts."""
@@ -199,6 +201,8 @@ class TrainOptions:
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
     lora_dropout: float = opt(0.0, "dropout on the LoRA path")
+    allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
+                                            "code when loaded: only for files you trust")
 
     def validate(self) -> None:
         """Raise ValueError for options that cannot work, before anything is loaded."""
@@ -262,6 +266,7 @@ class TrainOptions:
             max_rank=max_rank, workers=self.init_workers or self.workers, gpus_per_worker=gpus, seed=self.seed,
             svd=self.init_svd, max_length=self.max_length, split="train", task=task,
             target_modules=self.target_modules, address=self.address, progress=progress,
+            allow_pickle_weights=self.allow_pickle_weights,
             num_labels=num_labels if task == "seq-cls" else None, **column_kwargs(self),
         )
 

@@ -379,3 +379,43 @@ def test_empty_rows_are_dropped_with_a_count(tmp_path):
     rows = [{"prompt": "1+1=", "response": " 2"}, {"prompt": "2+2=", "response": " "}]
     with pytest.warns(UserWarning, match="dropped 1 of 2 rows with null values or an empty response"):
         assert load_split(_jsonl(tmp_path / "lm.jsonl", rows)).num_rows == 1
+
+
+# ------------------------------------------------------------------------- broken model folders
+
+
+def test_model_folders_with_missing_damaged_or_pickled_weights(tiny_bert_dir, tmp_path):
+    """A clear error naming the folder (or file), before any worker starts; pickled weights only
+    with allow_pickle_weights. 0.1.0 unpickled pytorch_model.bin and reported damaged files
+    with transformers' own tracebacks from inside the workers."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from loraga_ray import InitOptions, run_init
+    from loraga_ray.models import ModelLoadError, load_model, resolve_model
+
+    def copy(name):
+        return Path(shutil.copytree(tiny_bert_dir, tmp_path / name))
+
+    missing = copy("missing")
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=rf"{missing} has config.json but no weights"):
+        resolve_model(str(missing))
+    truncated = copy("truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=rf"{weights} is damaged or truncated"):
+        run_init(InitOptions(model=str(truncated), data="demo-rotten-tomatoes", progress=False))
+    pickled = copy("pickled")
+    (pickled / "model.safetensors").unlink()  # the same weights, as the pickle older tools wrote
+    torch.save(AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir)).state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin, a pickle.*--allow-pickle-weights"):
+        resolve_model(str(pickled))
+    spec = resolve_model(str(pickled), allow_pickle_weights=True)
+    reference = load_model(resolve_model(str(tiny_bert_dir)))
+    loaded = load_model(spec)
+    torch.testing.assert_close(loaded.bert.encoder.layer[0].attention.self.query.weight,
+                               reference.bert.encoder.layer[0].attention.self.query.weight)
+    opts = InitOptions(model=str(pickled), data="d")
+    assert opts.allow_pickle_weights is False  # off unless asked

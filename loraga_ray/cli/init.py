@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     add_option(g, InitOptions, "out", required=True)
     add_option(g, InitOptions, "overwrite")
     add_options(g, InitOptions, ("split", "task", "text_column", "label_column", "prompt_column", "response_column",
-                                 "num_labels", "target_modules"))
+                                 "num_labels", "target_modules", "allow_pickle_weights"))
     g = p.add_argument_group("the estimate")
     add_options(g, InitOptions, ("num_samples", "batch_size", "max_rank", "seed", "svd", "max_length", "dtype"))
     g = p.add_argument_group("cluster")

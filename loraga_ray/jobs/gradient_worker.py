@@ -31,9 +31,10 @@ class GradientWorker:
     """
 
     def __init__(self, model: str, task: str, num_labels: int, seed: int, target_modules, max_rank: int,
-                 rank: int, dtype: str = "float32"):
+                 rank: int, dtype: str = "float32", allow_pickle_weights: bool = False):
         self.model_name, self.task, self.num_labels, self.seed, self.dtype = model, task, num_labels, seed, dtype
         self.target_modules, self.max_rank, self.rank = target_modules, max_rank, rank
+        self.allow_pickle_weights = allow_pickle_weights
         self.examples = self.tokens = 0
         self.sums = {}
 
@@ -45,13 +46,14 @@ class GradientWorker:
 
         from ..core.artifact import weight_fingerprint
         from ..core.estimate import check_rank_fits
-        from ..models import load_model, load_tokenizer
+        from ..models import load_model, load_tokenizer, resolve_model
         from ..core.targets import find_target_modules
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(self.model_name, task=self.task, num_labels=self.num_labels, seed=self.seed,
+        spec = resolve_model(self.model_name, self.task, allow_pickle_weights=self.allow_pickle_weights)
+        self.model = load_model(spec, task=self.task, num_labels=self.num_labels, seed=self.seed,
                                 dtype=getattr(torch, self.dtype)).to(self.device)
-        self.pad_id = load_tokenizer(self.model_name, task=self.task).pad_token_id
+        self.pad_id = load_tokenizer(spec).pad_token_id
         self.names = find_target_modules(self.model, self.target_modules)
         shapes = check_rank_fits(self.model, self.names, self.max_rank)
         return {
@@ -136,7 +138,8 @@ def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_l
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
         workers.append(actor.options(num_cpus=plan.cpus, num_gpus=plan.gpus, max_concurrency=2,
                                      scheduling_strategy=strategy).remote(
-            opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts.dtype))
+            opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts.dtype,
+            opts.allow_pickle_weights))
     try:
         infos = ray.get([w.setup.remote() for w in workers])
     except RayActorError as e:

@@ -82,7 +82,8 @@ def run_init(opts: InitOptions) -> tuple[InitArtifact, dict]:
     from ..models import resolve_model
 
     opts.validate()
-    spec = resolve_model(opts.model, opts.task)  # clear error for an unknown model, before Ray starts
+    # a clear error for an unknown model or missing / damaged / pickled weights, before Ray starts
+    spec = resolve_model(opts.model, opts.task, allow_pickle_weights=opts.allow_pickle_weights)
     with contextlib.ExitStack() as stack:
         if opts.out:
             from ..core.storage import is_remote, local_path

@@ -44,7 +44,7 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
 
     train_table = load_split(opts.data, "train", seed=opts.seed, **column_kwargs(opts))
     task = infer_task(train_table)
-    spec = resolve_model(opts.model, task)
+    spec = resolve_model(opts.model, task, allow_pickle_weights=opts.allow_pickle_weights)
     num_labels = _num_labels(opts, train_table, task)
     train_table, eval_table, eval_source = _eval_table(opts, train_table)
     if task == "seq-cls":
