@@ -111,7 +111,9 @@ def open_experiment(uri: str, experiment: str = "loraga-ray"):
 def param_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         v = ",".join(str(x) for x in v)
-    s = str(v)
+    from .redact import redact
+
+    s = redact(str(v))  # a data or artifact URI with a token in it: the token stays out of MLflow
     return s if len(s) <= MAX_PARAM_CHARS else s[: MAX_PARAM_CHARS - 3] + "..."
 
 
@@ -135,6 +137,9 @@ def create_run(
         except Exception as e:
             raise TrackingError(f"parent run {parent_run_id!r} does not exist in {uri}: {str(e)[:200]}") from e
         all_tags[PARENT_TAG] = parent_run_id
+    from .redact import redact_obj
+
+    all_tags = redact_obj(all_tags)
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     items = [Param(k, param_value(v)) for k, v in params.items()]

@@ -419,3 +419,80 @@ def test_model_folders_with_missing_damaged_or_pickled_weights(tiny_bert_dir, tm
                                reference.bert.encoder.layer[0].attention.self.query.weight)
     opts = InitOptions(model=str(pickled), data="d")
     assert opts.allow_pickle_weights is False  # off unless asked
+
+
+# ------------------------------------------------------------------------- credentials
+
+
+SECRET = "s3cr3t-Value"
+
+
+def test_redaction_of_urls():
+    from loraga_ray.redact import redact, redact_obj
+
+    cases = {
+        f"postgresql://ml:{SECRET}@db.internal:5432/mlflow": "postgresql://ml:***@db.internal:5432/mlflow",
+        f"https://mlflow.example/api?token={SECRET}&x=1": "https://mlflow.example/api?token=***&x=1",
+        f"s3://b/k?X-Amz-Credential={SECRET}&X-Amz-Signature={SECRET}": "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***",
+        "sqlite:////runs/mlflow.db": "sqlite:////runs/mlflow.db",
+        "http://127.0.0.1:5000": "http://127.0.0.1:5000",
+    }
+    for raw, want in cases.items():
+        assert redact(raw) == want
+    assert redact_obj({"a": [f"x://u:{SECRET}@h"], "n": 3}) == {"a": ["x://u:***@h"], "n": 3}
+
+
+def test_credentials_never_reach_files_mlflow_or_logs(tmp_path, mlflow_store, monkeypatch):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from loraga_ray import tracking
+    from loraga_ray.core.files import write_json
+    from loraga_ray.redact import RedactingFilter, restore
+
+    uri = f"postgresql://ml:{SECRET}@db.internal/mlflow"
+    data = f"https://data.example/train.parquet?token={SECRET}"
+    write_json(tmp_path / "run.json", {"tracking_uri": uri, "nested": {"data": data}})
+    text = (tmp_path / "run.json").read_text()
+    assert SECRET not in text and "postgresql://ml:***@db.internal/mlflow" in text
+    run_id = tracking.create_run(mlflow_store, "secrets", params={"data": data}, tags={"loraga.out": uri})
+    run = MlflowClient(mlflow_store).get_run(run_id)
+    assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    handler = Keep()
+    handler.addFilter(RedactingFilter())
+    log = logging.getLogger("loraga_ray.test_redaction")
+    log.addHandler(handler)
+    log.warning("connecting to %s", uri)
+    log.removeHandler(handler)
+    assert records == ["connecting to postgresql://ml:***@db.internal/mlflow"]
+    # a resume finds the masked URI in its files: the real one comes from MLFLOW_TRACKING_URI
+    with pytest.raises(ValueError, match="held credentials, which loraga-ray never writes to disk; set MLFLOW_TRACKING_URI"):
+        restore("postgresql://ml:***@db.internal/mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert restore("postgresql://ml:***@db.internal/mlflow") == uri
+
+
+def test_cli_error_with_a_password_in_the_tracking_uri(tiny_bert_dir, tmp_path, capsys):
+    import socket
+
+    from loraga_ray.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(16)))
+    out = tmp_path / "o"
+    rc = main(["train", "--model", str(tiny_bert_dir), "--data", str(data), "--init", "lora", "--batch-size", "4",
+               "--out", str(out), "--tracking-uri", f"http://ml:{SECRET}@127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot open the MLflow tracking store" in err
+    assert SECRET not in err and "ml:***@127.0.0.1" in err
+    assert not out.exists()

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..redact import RedactingFilter, redact
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     if args.command is None:
         parser.print_help()
         return 2
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from ..jobs.cluster import error_message
 
-        print(f"loraga-ray {args.command}: error: {error_message(e)}", file=sys.stderr)
+        print(f"loraga-ray {args.command}: error: {redact(error_message(e))}", file=sys.stderr)
         return 1
 
 

@@ -202,9 +202,12 @@ def _put_in_place(new: Path, dest: Path) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """``obj`` as indented JSON at ``path``, written to a hidden sibling and renamed into place."""
+    """``obj`` as indented JSON at ``path``, written to a hidden sibling and renamed into place;
+    credentials in any string are replaced by ``***`` (:mod:`loraga_ray.redact`)."""
+    from ..redact import redact_obj
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(json.dumps(redact_obj(obj), indent=2, default=str))
     tmp.replace(path)
     return path

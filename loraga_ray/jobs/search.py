@@ -33,6 +33,7 @@ from typing import Sequence
 
 from ..core.artifact import InitArtifact
 from ..core.files import output_lock, write_json
+from ..redact import redact_obj, restore
 from ..options import SearchError, SearchOptions, TrainOptions, from_dict
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
 from .search_results import METRIC, best_record, collect_rows, log_results, pick_best, write_results
@@ -215,7 +216,7 @@ def estimate_once(base: TrainOptions, max_rank: int, out: Path, plan) -> SharedA
         "workers": (summary or {}).get("workers"),
     }
     with open(out / ESTIMATES_FILE, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(json.dumps(redact_obj(record), default=str) + "\n")
     return SharedArtifact(str(folder), artifact)
 
 
@@ -243,6 +244,7 @@ def _new_or_resumed(base: TrainOptions | None, sopts: SearchOptions, out: Path):
     if sopts.resume:
         state = read_state(out)
         base = from_dict(TrainOptions, state["base"])
+        base = dataclasses.replace(base, tracking_uri=restore(base.tracking_uri))  # saved with credentials masked
         saved = state["search"]
         for old, new in (("init_workers", "init_workers"), ("svd", "init_svd")):  # search.json of 0.1.0
             if saved.get(old) is not None and old in saved:

@@ -30,6 +30,7 @@ from pathlib import Path
 from .. import tracking
 from ..core.artifact import InitArtifact
 from ..core.files import output_lock, write_json
+from ..redact import redact, restore
 from ..options import TrainOptions
 from .resources import WorkerResources, plan_workers
 from .run_folder import (
@@ -183,6 +184,7 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
     from .cluster import connect
 
     started = time.time()
+    opts = dataclasses.replace(opts, tracking_uri=restore(opts.tracking_uri))  # a resumed run's, saved masked
     saved = check_out_folder(opts, out)
     if saved is not None and opts.init == "lora-ga" and opts.artifact is None and (out / INIT_ARTIFACT_DIR / "meta.json").exists():
         opts = dataclasses.replace(opts, artifact=str(out / INIT_ARTIFACT_DIR))  # the one this run estimated
@@ -196,12 +198,13 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
     if artifact is not None:
         check_artifact_weights(opts, plan, artifact)
 
-    # the cluster and the MLflow store must both answer before anything is written
+    # the MLflow store and the cluster must both answer before anything is written; a store the
+    # user named is checked first (quick), the default one in <out> once the cluster is known to fit
+    tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
+    if opts.tracking_uri:
+        tracking.open_experiment(tracking_uri, opts.experiment)
     connect(opts.address, min_cpus=local_cpus(opts))
     resources = plan_train_workers(opts)
-    tracking_uri = opts.tracking_uri or tracking.default_tracking_uri(out)
-    if opts.tracking_uri:  # fails early with a clear message, before anything is written
-        tracking.open_experiment(tracking_uri, opts.experiment)
     claim(out, "training run")
     if not opts.tracking_uri:
         tracking.open_experiment(tracking_uri, opts.experiment)
@@ -241,7 +244,7 @@ def _mlflow_run(opts: TrainOptions, out: Path, tracking_uri: str, plan: RunPlan,
     """The run's MLflow run: the one a stopped run logged to (set RUNNING again), else a new one
     with the init artifact recorded."""
     record = read_run_record(out) if opts.resume else {}
-    run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == tracking_uri else None
+    run_id = record.get("mlflow_run_id") if record.get("tracking_uri") == redact(tracking_uri) else None
     if run_id is not None:
         tracking.set_status(tracking_uri, run_id, "RUNNING")
         return run_id
