@@ -40,6 +40,11 @@ def column_kwargs(opts) -> dict[str, str | None]:
     return {k: get(k) for k in COLUMN_FIELDS}
 
 
+def load_kwargs(opts) -> dict:
+    """``load_split``'s keywords of a run: the column options and ``task``."""
+    return dict(column_kwargs(opts), task=getattr(opts, "task", None))
+
+
 def split_names(value) -> list[str] | None:
     """``--target-modules`` as given: a list, or comma-separated names; None or empty: None."""
     if value is None:
@@ -103,7 +108,9 @@ class InitOptions:
     dtype: str = opt("float32", "model dtype on the workers (bfloat16 halves GPU memory; the sums stay float32)",
                      choices=DTYPES)
     num_labels: int | None = opt(None, "seq-cls classes (default: largest label + 1, at least 2)")
-    max_retries: int = opt(1, "rerun the gradient stage this often if a worker dies")
+    max_retries: int = opt(1, "rerun the gradient stage this often if a worker dies or hangs")
+    stall_timeout: float = opt(300.0, "seconds a gradient worker may go without finishing a batch before it counts as "
+                                      "lost (stuck): its stage is rerun, or the run fails")
     resource_timeout: float | None = opt(None, "seconds to wait for the workers' resources (default 60 on a local Ray, "
                                                "600 on a joined cluster)")
     allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
@@ -127,6 +134,7 @@ class InitOptions:
             raise ValueError(f"--max-retries must be an integer >= 0, got {self.max_retries!r}.")
         if self.num_labels is not None:
             _positive_int("num_labels", self.num_labels)
+        _positive("stall_timeout", self.stall_timeout)
         if self.resource_timeout is not None and not self.resource_timeout > 0:
             raise ValueError(f"--resource-timeout must be positive, got {self.resource_timeout}.")
         self.target_modules = split_names(self.target_modules)

@@ -161,7 +161,7 @@ def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gp
     assert sorted(p.name for p in Path(opts.out).parent.iterdir() if p.name != "small.jsonl") == ["init"]  # no leftovers
 
 
-def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8):
+def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8, sig=None):
     """Fault injection from outside the code under test: the token stream is gated so that the
     rows from sample index ``after`` on wait until a release file exists; a thread waits for the
     gate to be reached (the workers have streamed the rows before it and are waiting inside
@@ -174,6 +174,7 @@ def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8):
 
     import psutil
 
+    sig = signal.SIGKILL if sig is None else sig
     release, reached = tmp_path / "release", tmp_path / "reached"
 
     def make_gate(release: str, reached: str, after: int):
@@ -204,7 +205,7 @@ def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8):
         time.sleep(1.0)  # the workers drain the rows before the gate
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if "GradientWorker" in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
-                os.kill(proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, sig)
                 killed.append(proc.pid)
                 break
         release.write_text("")
@@ -215,16 +216,39 @@ def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8):
 
 
 def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path, monkeypatch):
-    """A worker SIGKILLed mid-stream: the stage reruns on a fresh worker and counts every example once."""
+    """One of 2 workers SIGKILLed mid-stream: the stage reruns on fresh workers, every example is
+    counted once, and the artifact equals the uninterrupted single-process estimate."""
     ref, _, _ = ref24
     out = tmp_path / "init"
     killed, thread = kill_a_worker_mid_stream(monkeypatch, tmp_path)
-    art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(out)))
+    art, summary = run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out)))
     thread.join(timeout=10)
     assert len(killed) == 1 and summary["retries"] == 1
-    assert art.meta["num_examples"] == 24 and art.meta["num_targets"] == 24
+    assert art.meta["num_examples"] == 24 and art.meta["num_targets"] == 24 and sum(summary["examples_per_worker"]) == 24
     assert_same(art, ref)
     assert InitArtifact.load(out).meta["num_examples"] == 24
+
+
+def test_stuck_worker_is_treated_as_lost(ray_session, assets, ref24, tmp_path, monkeypatch):
+    """A worker alive but stuck (SIGSTOP from outside: it never finishes another batch) counts as
+    lost after --stall-timeout: the stage reruns and the run ends within the timeout plus 30 s."""
+    import os
+    import signal
+    import time
+
+    ref, _, _ = ref24
+    stopped, thread = kill_a_worker_mid_stream(monkeypatch, tmp_path, sig=signal.SIGSTOP)
+    try:
+        art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(tmp_path / "init"), stall_timeout=5))
+    finally:
+        for pid in stopped:  # the watchdog killed it; make sure nothing stays stopped
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=10)
+    ended = time.time()
+    assert len(stopped) == 1 and summary["retries"] == 1
+    assert ended - (tmp_path / "release").stat().st_mtime < 5 + 30  # written just after the SIGSTOP
+    assert_same(art, ref)
 
 
 def test_killed_worker_without_retries_fails_clearly(ray_session, assets, tmp_path, monkeypatch):

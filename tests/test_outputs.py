@@ -496,3 +496,44 @@ def test_cli_error_with_a_password_in_the_tracking_uri(tiny_bert_dir, tmp_path, 
     assert rc == 1 and "cannot open the MLflow tracking store" in err
     assert SECRET not in err and "ml:***@127.0.0.1" in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------- what --resume resumes
+
+
+def test_resume_refuses_a_missing_or_changed_artifact(tiny_bert_dir, tiny_cls_data, tmp_path, artifact):
+    """0.1.0 silently estimated a new init when a stopped run's init_artifact/ was missing, and
+    resumed the old checkpoints on top of it."""
+    import dataclasses
+
+    from loraga_ray import TrainOptions, fit
+    from loraga_ray.core.files import write_json, write_marker
+
+    out = tmp_path / "run"
+    out.mkdir()
+    opts = TrainOptions(model=str(tiny_bert_dir), data=tiny_cls_data, out=str(out), init="lora-ga", max_steps=2, batch_size=4)
+    write_marker(out, "training run")
+    write_json(out / "train_options.json", dict(dataclasses.asdict(opts), artifact=None, artifact_sha256="ab" * 32))
+    resume = dataclasses.replace(opts, resume=True)
+    with pytest.raises(ValueError, match=r"init artifact this run started from .*init_artifact\) is missing.*never estimates"):
+        fit(resume)
+    artifact.save(out / "init_artifact")
+    with pytest.raises(ValueError, match=r"changed since this run started .*the run recorded abababababab"):
+        fit(resume)
+
+
+def test_tune_resume_refuses_a_folder_it_did_not_create(tmp_path):
+    """Resuming unpickles Ray Tune's state: a search folder without this tool's marker (or whose
+    marker's id differs from search.json's) is refused before anything is read from it."""
+    from loraga_ray import SearchOptions, search
+    from loraga_ray.core.files import write_marker
+    from loraga_ray.options import SearchError
+
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "search.json").write_text(json.dumps({"base": {}, "space": {}, "search": {}, "search_id": "1234"}))
+    with pytest.raises(SearchError, match="was not created by loraga-ray tune.*unpickles Ray Tune's saved state"):
+        search(None, SearchOptions(resume=True), out=out)
+    write_marker(out, "search", search_id="5678")
+    with pytest.raises(SearchError, match="do not carry the same search id"):
+        search(None, SearchOptions(resume=True), out=out)

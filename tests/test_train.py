@@ -504,3 +504,36 @@ def test_exact_match_on_known_answers():
     assert exact_matches(Answers(), batch, references, tok, torch.device("cpu"), contextlib.nullcontext) == 1
     generated[1] = "  nine "  # white space around the answer does not count against it
     assert exact_matches(Answers(), batch, references, tok, torch.device("cpu"), contextlib.nullcontext) == 2
+
+
+def test_task_option_reaches_the_data(assets, tmp_path):
+    """--task decides how the data is read (0.1.0 passed it to load_split; the layout change had
+    dropped it): a file with both column pairs is read as the task asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rows = [{"text": f"t{i}", "label": i % 2, "prompt": f"{i} plus 1 is", "response": f" {i + 1}"} for i in range(32)]
+    pq.write_table(pa.Table.from_pylist(rows), mixed / "train.parquet")
+    assert plan_run(_opts(assets, tmp_path / "a", init="lora", data=str(mixed), task="seq-cls")).task == "seq-cls"
+    plan = plan_run(_opts(assets, tmp_path / "b", init="lora", model=str(assets / "llama"), data=str(mixed), task="causal-lm"))
+    assert plan.task == "causal-lm" and plan.train_table.column_names == ["prompt", "response"]
+    with pytest.raises(ValueError, match="is a causal-lm dataset, not seq-cls"):
+        plan_run(_opts(assets, tmp_path / "c", init="lora", data="demo-arithmetic", task="seq-cls"))
+
+
+def test_diverged_loss_stops_the_run_clearly(ray_session, assets, store, tmp_path):
+    """A learning rate far too high: the loss or gradient norm goes NaN/Inf; the run stops at that
+    step with an error naming the step and the likely cause, exports nothing, and its MLflow run
+    is FAILED. 0.1.0 trained on, and exported an adapter of NaNs."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    opts = _opts(assets, out, init="lora", lr=1e30, workers=1, max_steps=6, eval_every=6, tracking_uri=store)
+    with pytest.raises(RuntimeError, match=r"training failed: step \d+: the (loss|gradient norm) is (nan|inf).*"
+                                           r"learning rate too high for this init.*lower --lr"):
+        fit(opts)
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(store).get_run(run_id).info.status == "FAILED"

@@ -54,10 +54,19 @@ def output_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def write_marker(folder: str | os.PathLike, kind: str) -> None:
+def write_marker(folder: str | os.PathLike, kind: str, **extra) -> None:
     from .. import __version__
 
-    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind, "written_by": f"loraga-ray {__version__}"}) + "\n")
+    marker = {"kind": kind, "written_by": f"loraga-ray {__version__}", **extra}
+    (Path(folder) / MARKER).write_text(json.dumps(marker) + "\n")
+
+
+def read_marker(folder: str | os.PathLike) -> dict:
+    """The marker of a folder we wrote ({} when there is none or it does not parse)."""
+    with contextlib.suppress(ValueError, OSError):
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        return marker if isinstance(marker, dict) else {}
+    return {}
 
 
 def check_destination(dest: str | os.PathLike, kind: str, overwrite: bool = False) -> None:

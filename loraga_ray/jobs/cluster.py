@@ -99,11 +99,14 @@ def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
 
 
 def cause_of(error: BaseException) -> BaseException:
-    """The user-level exception inside Ray's task / Ray Data wrappers."""
+    """The user-level exception inside Ray's wrappers: a task's or actor's error, Ray Data's,
+    and Ray Train's (a worker group's first worker failure, or the controller's)."""
     seen = set()
     while id(error) not in seen:
         seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
+        failures = getattr(error, "worker_failures", None)
+        inner = (next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None) \
+            or getattr(error, "controller_failure", None) or getattr(error, "cause", None) or error.__cause__
         if inner is None or not isinstance(inner, BaseException):
             break
         error = inner

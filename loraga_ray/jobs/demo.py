@@ -34,10 +34,11 @@ def resolve_defaults(opts: DemoOptions) -> DemoOptions:
     lrs = DEFAULT_LR.get(opts.model, DEFAULT_LR["demo-minilm"])
     return dataclasses.replace(
         opts,
-        data=opts.data or ("demo-arithmetic" if opts.model == "demo-smollm2" else "demo-rotten-tomatoes"),
-        max_steps=opts.max_steps or (200 if opts.model == "demo-minilm" else 100),
-        lr_lora_ga=opts.lr_lora_ga or lrs["lora-ga"],
-        lr_lora=opts.lr_lora or lrs["lora"],
+        data=opts.data if opts.data is not None else ("demo-arithmetic" if opts.model == "demo-smollm2"
+                                                      else "demo-rotten-tomatoes"),
+        max_steps=opts.max_steps if opts.max_steps is not None else (200 if opts.model == "demo-minilm" else 100),
+        lr_lora_ga=opts.lr_lora_ga if opts.lr_lora_ga is not None else lrs["lora-ga"],
+        lr_lora=opts.lr_lora if opts.lr_lora is not None else lrs["lora"],
     )
 
 

@@ -9,6 +9,7 @@ import os
 import time
 
 import numpy as np
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 
 from ..options import InitOptions
 from .cluster import ClusterError
@@ -16,10 +17,14 @@ from .init_data import SAMPLE_INDEX, reraise_clean
 from .resources import WorkerResources
 
 POLL_S = 0.5  # how often the driver refreshes the progress bar
+# a worker, or the objects it owns, gone: the gradient stage runs again (ObjectLostError covers OwnerDiedError)
+LOST_ERRORS = (RayActorError, ActorUnavailableError, ObjectLostError)
 
 
 class WorkerLostError(RuntimeError):
-    """A gradient worker died before it handed back its partial sums."""
+    """A gradient worker died (or hung) before it handed back its partial sums."""
+
+
 
 
 class GradientWorker:
@@ -129,7 +134,6 @@ def reserve(plan: WorkerResources):
 def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_labels: int) -> tuple[list, list[dict]]:
     """Create the actors and load the model in each; checks they all hold the same weights."""
     import ray
-    from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     actor = ray.remote(GradientWorker)
@@ -142,7 +146,7 @@ def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_l
             opts.allow_pickle_weights))
     try:
         infos = ray.get([w.setup.remote() for w in workers])
-    except RayActorError as e:
+    except LOST_ERRORS as e:
         kill_workers(workers)
         raise WorkerLostError(f"a gradient worker died while loading {opts.model!r}: {str(e).splitlines()[0]}") from e
     except Exception as e:
@@ -176,9 +180,12 @@ def torch_threads(infos: list[dict]) -> int:
 
 
 def run_gradient(workers, infos, streams, opts: InitOptions, total: int) -> list[dict]:
-    """Stream the sample through the workers; returns each worker's counts and sample indices."""
+    """Stream the sample through the workers; returns each worker's counts and sample indices.
+
+    A worker that dies (or whose results are lost with their owner) raises WorkerLostError; so
+    does one that is alive but finishes no batch for ``opts.stall_timeout`` seconds (a hung
+    device, a deadlock): the caller kills the workers and runs the stage again, or fails."""
     import ray
-    from ray.exceptions import RayActorError
 
     threads = torch_threads(infos)
     refs = [w.consume.remote(s, opts.batch_size, threads) for w, s in zip(workers, streams)]
@@ -191,6 +198,7 @@ def run_gradient(workers, infos, streams, opts: InitOptions, total: int) -> list
         bar = tqdm(total=total, desc=f"gradient ({len(workers)} worker{'s' if len(workers) > 1 else ''})",
                    unit="ex", dynamic_ncols=True)
     t0 = time.perf_counter()
+    seen = [(-1, t0)] * len(workers)  # per worker: examples last seen, and when that count last grew
     pending = list(refs)
     try:
         while pending:
@@ -199,20 +207,13 @@ def run_gradient(workers, infos, streams, opts: InitOptions, total: int) -> list
                 i = index[ref]
                 try:
                     results[i] = ray.get(ref)
-                except RayActorError as e:
+                except LOST_ERRORS as e:
                     raise WorkerLostError(f"gradient worker {i} ({infos[i]['host']}, pid {infos[i]['pid']}) died "
                                           f"mid-stream: {str(e).splitlines()[0]}") from e
                 except Exception as e:
                     reraise_clean(e)
+            examples, tokens = _progress(workers, results, seen, infos, opts.stall_timeout)
             if bar is not None:
-                done_results = [r for r in results if r is not None]
-                examples = sum(r["examples"] for r in done_results)
-                tokens = sum(r["tokens"] for r in done_results)
-                asks = [w.progress.remote() for i, w in enumerate(workers) if results[i] is None]
-                for ask in asks:
-                    with contextlib.suppress(Exception):  # a dead worker is reported by its consume call
-                        e_i, t_i = ray.get(ask, timeout=5)
-                        examples, tokens = examples + e_i, tokens + t_i
                 bar.n = examples
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
                 bar.refresh()
@@ -220,6 +221,30 @@ def run_gradient(workers, infos, streams, opts: InitOptions, total: int) -> list
         if bar is not None:
             bar.close()
     return results
+
+
+def _progress(workers, results, seen, infos, stall_timeout: float) -> tuple[int, int]:
+    """(examples, tokens) done so far; raises WorkerLostError for a worker stalled too long."""
+    import ray
+
+    done = [r for r in results if r is not None]
+    examples, tokens = sum(r["examples"] for r in done), sum(r["tokens"] for r in done)
+    asks = {i: w.progress.remote() for i, w in enumerate(workers) if results[i] is None}
+    ready, _ = ray.wait(list(asks.values()), num_returns=len(asks), timeout=1.0)
+    now = time.perf_counter()
+    for i, ask in asks.items():
+        if ask in ready:
+            with contextlib.suppress(Exception):  # a dead worker is reported by its consume call
+                e_i, t_i = ray.get(ask)
+                examples, tokens = examples + e_i, tokens + t_i
+                if e_i > seen[i][0]:
+                    seen[i] = (e_i, now)
+        if now - seen[i][1] > stall_timeout:
+            raise WorkerLostError(
+                f"gradient worker {i} ({infos[i]['host']}, pid {infos[i]['pid']}) is alive but finished no batch for "
+                f"{stall_timeout:g}s (--stall-timeout): stuck (a hung device, a deadlock, a stopped process)"
+            )
+    return examples, tokens
 
 
 def check_counts(results: list[dict], total: int) -> None:

@@ -200,7 +200,7 @@ def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, op
     """Sum the workers' partials one layer and one worker at a time, then SVD that layer."""
     import ray
     import torch
-    from ray.exceptions import RayActorError
+    from .gradient_worker import LOST_ERRORS
 
     from ..core.estimate import factorize
     from ..core.gradients import GradientSums
@@ -218,7 +218,7 @@ def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, op
         for i, w in enumerate(workers):
             try:
                 part = ray.get(w.layer.remote(name))
-            except RayActorError as e:
+            except LOST_ERRORS as e:
                 raise WorkerLostError(f"gradient worker {i} died while handing back its sums: {str(e).splitlines()[0]}") from e
             moved += part.nbytes
             if buf is None:

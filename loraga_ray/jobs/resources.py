@@ -64,12 +64,15 @@ def workers_see_cuda(gpus_per_worker: float) -> bool:
 
 def plan_workers(what: str, workers: int, *, gpus_per_worker: float | None, cpus_per_worker: float,
                  address: str | None, device: str = "auto", spare_cpus: float = 0.0,
-                 resource_timeout: float | None = None, probe_cuda: bool = False) -> WorkerResources:
+                 resource_timeout: float | None = None, probe_cuda: bool = False,
+                 can_wait: bool = True) -> WorkerResources:
     """The reservation of ``workers`` workers (``what`` names them in messages). Ray must be
     initialised.
 
     GPUs per worker: 0 with ``device="cpu"``, else ``gpus_per_worker``, else 1 when the cluster
-    has GPUs (or ``device="cuda"``). ``spare_cpus`` stay free for Ray Data's tasks."""
+    has GPUs (or ``device="cuda"``). ``spare_cpus`` stay free for Ray Data's tasks. Without
+    ``can_wait`` (Ray Train, whose reservation has no timeout) a request beyond what a joined
+    cluster has now is an error too, instead of a wait for the autoscaler."""
     import ray
 
     total = ray.cluster_resources()
@@ -98,9 +101,9 @@ def plan_workers(what: str, workers: int, *, gpus_per_worker: float | None, cpus
         problems.append(f"{cpus:g} CPUs per worker, the largest node has {node_cpu:g}")
     joined = joins_cluster(address)
     timeout = resource_timeout if resource_timeout is not None else (600.0 if joined else 60.0)
-    if problems and not joined:
+    if problems and (not joined or not can_wait):
         raise ClusterError(
-            f"the {what} ask for more than this Ray instance has: " + "; ".join(problems) + ". "
+            f"the {what} ask for more than this Ray {'cluster' if joined else 'instance'} has: " + "; ".join(problems) + ". "
             "Lower --workers, --gpus-per-worker (0 runs on CPU) or --cpus-per-worker, or join a larger cluster "
             "with --address."
         )

@@ -50,11 +50,12 @@ def check_ours(out: Path, kind: str) -> None:
                           "touched. Choose another --out, or move that folder away yourself.")
 
 
-def claim(out: Path, kind: str) -> None:
-    """Create ``out`` (checked with :func:`check_ours`) and mark it as ours."""
+def claim(out: Path, kind: str, **extra) -> None:
+    """Create ``out`` (checked with :func:`check_ours`) and mark it as ours (``extra`` goes into
+    the marker)."""
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():
-        write_marker(out, kind)
+        write_marker(out, kind, **extra)
 
 
 def check_out_folder(opts: TrainOptions, out: Path) -> dict | None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.artifact import ArtifactError, InitArtifact
 from ..core.targets import check_rank_limit, find_target_modules, target_shapes
-from ..options import TrainOptions, column_kwargs
+from ..options import TrainOptions, load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
     from ..data import infer_task, load_split
     from ..models import meta_model, new_head_modules, resolve_model
 
-    train_table = load_split(opts.data, "train", seed=opts.seed, **column_kwargs(opts))
+    train_table = load_split(opts.data, "train", seed=opts.seed, **load_kwargs(opts))
     task = infer_task(train_table)
     spec = resolve_model(opts.model, task, allow_pickle_weights=opts.allow_pickle_weights)
     num_labels = _num_labels(opts, train_table, task)
@@ -87,7 +87,7 @@ def _eval_table(opts: TrainOptions, train_table):
     from ..data import load_split, sample_table
 
     try:
-        table = load_split(opts.data, "validation", seed=opts.seed, **column_kwargs(opts))
+        table = load_split(opts.data, "validation", seed=opts.seed, **load_kwargs(opts))
         source = "validation split"
     except ValueError as e:
         if "split" not in str(e):

@@ -27,12 +27,13 @@ import datetime as _dt
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..core.artifact import InitArtifact
-from ..core.files import output_lock, write_json
+from ..core.files import output_lock, read_marker, write_json
 from ..redact import redact_obj, restore
 from ..options import SearchError, SearchOptions, TrainOptions, from_dict
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
@@ -183,6 +184,19 @@ def read_state(out: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def check_resume_is_ours(out: Path, state: dict) -> None:
+    """--resume unpickles Ray Tune's saved experiment state, which can run code: a search folder
+    is trusted like code. Only a folder this tool created is resumed: its marker holds the random
+    id that search.json recorded when the search began."""
+    marker_id = read_marker(out).get("search_id")
+    if not marker_id or marker_id != state.get("search_id"):
+        raise SearchError(
+            f"--resume: {out} was not created by loraga-ray tune (its marker and search.json do not carry the same "
+            "search id). Resuming unpickles Ray Tune's saved state, which can run code, so only searches this tool "
+            "started are resumed; start a new search in another --out."
+        )
+
+
 def count_estimates(out: str | os.PathLike) -> int:
     """How many gradient estimates the search in ``out`` has run (the log has one line each)."""
     path = Path(out) / ESTIMATES_FILE
@@ -243,6 +257,7 @@ def _new_or_resumed(base: TrainOptions | None, sopts: SearchOptions, out: Path):
     """(base, sopts, space, saved state) of a new search, or of the one in ``out`` (--resume)."""
     if sopts.resume:
         state = read_state(out)
+        check_resume_is_ours(out, state)
         base = from_dict(TrainOptions, state["base"])
         base = dataclasses.replace(base, tracking_uri=restore(base.tracking_uri))  # saved with credentials masked
         saved = state["search"]
@@ -273,7 +288,7 @@ def _open_store_and_cluster(base: TrainOptions, sopts: SearchOptions, plan, esti
         tracking.open_experiment(tracking_uri, base.experiment)
     connect(base.address, min_cpus=local_cpus(base, sopts.max_concurrent))
     check_cluster(base, sopts, plan, estimate)
-    claim(out, "search")
+    claim(out, "search", search_id=uuid.uuid4().hex)  # a resumed search keeps its marker
     tracking.open_experiment(tracking_uri, base.experiment)
     return tracking_uri
 
@@ -300,6 +315,7 @@ def _save_state(out: Path, base: TrainOptions, sopts: SearchOptions, space: Sear
         "tracking_uri": tracking_uri,
         "artifact": state.get("artifact"),
         "created": state.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "search_id": read_marker(out).get("search_id"),
     }
     write_json(out / SEARCH_FILE, state)
     return state

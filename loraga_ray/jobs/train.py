@@ -56,7 +56,7 @@ def plan_train_workers(opts: TrainOptions) -> WorkerResources:
     """The Train workers' reservation; one CPU stays free for Ray Data. Ray must be initialised."""
     return plan_workers("Train workers", opts.workers, gpus_per_worker=opts.gpus_per_worker,
                         cpus_per_worker=opts.cpus_per_worker, address=opts.address, device=opts.device,
-                        spare_cpus=1.0, probe_cuda=True)
+                        spare_cpus=1.0, probe_cuda=True, can_wait=False)
 
 
 def local_cpus(opts: TrainOptions, concurrent_runs: int = 1) -> int:
@@ -193,6 +193,9 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
         opts = dataclasses.replace(opts, artifact=str(Path(opts.artifact).expanduser().resolve()))
         artifact = InitArtifact.load(opts.artifact)  # read once; everything below uses this copy
 
+    if saved is not None and opts.init == "lora-ga":
+        check_resumed_artifact(saved, artifact, out)
+
     # the data, the model's shapes, the artifact: no cluster yet
     plan = plan_run(opts, artifact)
     if artifact is not None:
@@ -219,7 +222,8 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
         check_artifact_fits(opts, plan, artifact)
         estimated = True
     if saved is None:
-        write_json(out / OPTIONS_FILE, dict(asdict(opts), artifact=None if estimated else opts.artifact))
+        write_json(out / OPTIONS_FILE, dict(asdict(opts), artifact=None if estimated else opts.artifact,
+                                            artifact_sha256=artifact_checksum(artifact, opts.artifact)))
 
     run_id = _mlflow_run(opts, out, tracking_uri, plan, artifact)
     trainer = build_trainer(opts, name=RAY_RUN_NAME, storage_path=str(out / RAY_DIR), mlflow_run_id=run_id,
@@ -238,6 +242,33 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
         raise RuntimeError(f"training failed: {error_message(e)}\nFix the cause, then continue with --resume --out "
                            f"{out} (from the last checkpoint, if any).") from e
     return write_outputs(opts, result, out, run_id, tracking_uri, started)
+
+
+def artifact_checksum(artifact: InitArtifact | None, folder: str | None) -> str | None:
+    """The sha256 of the artifact's factors (recorded in format 2, computed for format 1)."""
+    if artifact is None:
+        return None
+    from ..core.artifact import FACTORS_FILE, file_sha256
+
+    return artifact.meta.get("factors_sha256") or (file_sha256(Path(folder) / FACTORS_FILE) if folder else None)
+
+
+def check_resumed_artifact(saved: dict, artifact: InitArtifact | None, out: Path) -> None:
+    """A resumed lora-ga run continues from the init it started with, or not at all: never from
+    a new estimate (another init), nor from an artifact that changed since."""
+    where = saved.get("artifact") or str(out / INIT_ARTIFACT_DIR)
+    if artifact is None:
+        raise ValueError(
+            f"--resume: the init artifact this run started from ({where}) is missing. A resumed run never estimates "
+            "a new one (its checkpoints belong to that init): put the artifact back, or start a new run in another --out."
+        )
+    want, got = saved.get("artifact_sha256"), artifact_checksum(artifact, where)
+    if want and got != want:
+        raise ValueError(
+            f"--resume: the init artifact at {where} changed since this run started (factors sha256 {str(got)[:12]}, "
+            f"the run recorded {want[:12]}); its checkpoints belong to the other one. Put that artifact back, or start "
+            "a new run in another --out."
+        )
 
 
 def _mlflow_run(opts: TrainOptions, out: Path, tracking_uri: str, plan: RunPlan, artifact: InitArtifact | None) -> str:

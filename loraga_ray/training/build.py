@@ -11,7 +11,7 @@ import torch
 from ..core.adapters import InitState, apply_lora_ga, exact_names_regex, infer_task_type, set_init_state
 from ..core.artifact import InitArtifact
 from ..core.targets import find_target_modules, is_transposed
-from ..options import TrainOptions, column_kwargs
+from ..options import TrainOptions, load_kwargs
 
 PISSA_INIT = "pissa_niter_4"  # PEFT's fast PiSSA (randomized SVD with 4 power iterations)
 
@@ -95,7 +95,7 @@ def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) 
     from ..data import Encoder, iter_batches, load_split, sample_table
     from ..models import load_tokenizer
 
-    table = sample_table(load_split(opts.data, "train", **column_kwargs(opts)), opts.init_samples, opts.seed)
+    table = sample_table(load_split(opts.data, "train", **load_kwargs(opts)), opts.init_samples, opts.seed)
     tok = load_tokenizer(spec)
     batches = list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
     device = next(model.parameters()).device

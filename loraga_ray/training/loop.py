@@ -26,6 +26,10 @@ from .checkpoints import load_checkpoint, save_checkpoint, trainable_parameters,
 from .evaluate import evaluate, to_device
 
 
+class DivergedError(ValueError):
+    """The loss or the gradient norm is NaN or infinite: training cannot continue."""
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Multiplier of the base lr for update number ``step`` (0-based): linear warmup to 1 over
     ``warmup`` updates, then cosine decay towards 0 at ``total``."""
@@ -142,6 +146,14 @@ class WorkerRun:
             dist.all_reduce(stats)
             stats[:2] /= self.world
         self.report_time = bool(stats[2] > 0)
+        if not (math.isfinite(float(stats[0])) and math.isfinite(float(stats[1]))):
+            raise DivergedError(
+                f"step {step}: the {'loss' if not math.isfinite(float(stats[0])) else 'gradient norm'} is "
+                f"{float(stats[0]) if not math.isfinite(float(stats[0])) else float(stats[1])} (lr {lr:.3g}, --init "
+                f"{opts.init}). The run stopped here and nothing was exported. The likely cause is a learning rate too "
+                "high for this init (LoRA-GA's first steps are full fine-tuning's: it wants an lr about 10x lower than "
+                "plain LoRA's); lower --lr and start again."
+            )
         return {"step": step, "train_loss": float(stats[0]), "lr": lr, "grad_norm": float(stats[1]),
                 "epoch": step / self.config["steps_per_epoch"]}
 
