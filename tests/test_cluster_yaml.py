@@ -49,3 +49,16 @@ def test_gpu_cluster_that_installs_this_project(name):
     assert any("pip install" in c and project in c for c in config["setup_commands"]), "and installed there"
     assert ".venv" in config["rsync_exclude"]
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-gcp.yaml"])
+def test_nodes_start_with_token_authentication(name):
+    """Every node starts Ray with RAY_AUTH_MODE=token and reads the token from Ray's default file,
+    mounted from the user's machine; no token is written in the file itself."""
+    text = (ROOT / name).read_text()
+    config = yaml.safe_load(text)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "RAY_AUTH_TOKEN=" not in text
