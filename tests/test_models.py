@@ -7,6 +7,7 @@ import torch
 from loraga_ray import models
 from loraga_ray.models import (
     DEMO_MODELS,
+    ModelLoadError,
     ModelNotFoundError,
     ModelSpec,
     load_model,
@@ -61,14 +62,17 @@ def write_config(folder: Path, architectures):
 
 
 def test_resolve_local_folders(tmp_path):
+    # config-only folders: the task comes from config.json (check=False skips the weights check)
     causal = write_config(tmp_path / "causal", ["LlamaForCausalLM"])
-    assert resolve_model(str(causal)) == ModelSpec(str(causal), str(causal.resolve()), None, "causal-lm")
+    assert resolve_model(str(causal), check=False) == ModelSpec(str(causal), str(causal.resolve()), None, "causal-lm")
     classifier = write_config(tmp_path / "cls", ["RobertaForSequenceClassification"])
-    assert resolve_model(str(classifier)).task == "seq-cls"
+    assert resolve_model(str(classifier), check=False).task == "seq-cls"
     encoder = write_config(tmp_path / "enc", ["BertModel"])
     with pytest.raises(ValueError, match="--task"):
-        resolve_model(str(encoder))
-    assert resolve_model(str(encoder), task="seq-cls").task == "seq-cls"
+        resolve_model(str(encoder), check=False)
+    assert resolve_model(str(encoder), task="seq-cls", check=False).task == "seq-cls"
+    with pytest.raises(ModelLoadError, match="has config.json but no weights"):  # by default the weights must be there
+        resolve_model(str(causal))
 
     with pytest.raises(ModelNotFoundError, match="not used"):
         resolve_model("someone/some-model")
