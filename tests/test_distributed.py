@@ -426,3 +426,24 @@ def test_embedded_ray_quiets_train_internals(monkeypatch):
     assert logging.getLogger(context.__file__).getEffectiveLevel() == logging.WARNING
     cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
     assert cleaner.getEffectiveLevel() == logging.ERROR
+
+
+def test_lost_objects_are_retried_like_lost_workers(ray_session, assets, ref24, tmp_path, monkeypatch):
+    """A worker's partial sums lost with their owner (ObjectLostError / OwnerDiedError) while the
+    driver reduces them: the stage reruns like after a lost worker (0.1.0 failed the run)."""
+    from ray.exceptions import ObjectLostError
+
+    ref, _, _ = ref24
+    real = init_job.reduce_and_factorize
+    calls = []
+
+    def lose_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ObjectLostError("ab" * 14, "", "")  # the object store lost a worker's partial sums
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(init_job, "reduce_and_factorize", lose_once)
+    art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(tmp_path / "init")))
+    assert len(calls) == 2 and summary["retries"] == 1
+    assert_same(art, ref)

@@ -36,7 +36,15 @@ from ..core.artifact import InitArtifact, build_meta
 from ..core.files import output_lock
 from ..options import InitOptions
 from .cluster import connect
-from .gradient_worker import WorkerLostError, check_counts, kill_workers, reserve, run_gradient, start_workers
+from .gradient_worker import (
+    LOST_ERRORS,
+    WorkerLostError,
+    check_counts,
+    kill_workers,
+    reserve,
+    run_gradient,
+    start_workers,
+)
 from .init_data import data_context, is_uri, path_for_tasks, read_sample, token_streams
 from .resources import WorkerResources, plan_workers
 
@@ -182,7 +190,10 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
             log.info("gradient: %d examples in %.1fs; reduce %.1fs (%.1f MiB moved), svd %.1fs", total,
                      times["gradient_s"], times["reduce_s"], red["reduce_bytes"] / 2**20, times["svd_s"])
             return _Gradients(results, infos, factors, red, retries=attempt)
-        except WorkerLostError as e:
+        except (WorkerLostError, *LOST_ERRORS) as e:  # a worker, or objects it owned, gone
+            if not isinstance(e, WorkerLostError):
+                e = WorkerLostError(f"a gradient worker's results were lost ({type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0]})")
             if attempt >= opts.max_retries:
                 raise WorkerLostError(
                     f"{e}. Gave up after {attempt + 1} attempt(s) (--max-retries {opts.max_retries}); no artifact was "
@@ -200,8 +211,6 @@ def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, op
     """Sum the workers' partials one layer and one worker at a time, then SVD that layer."""
     import ray
     import torch
-    from .gradient_worker import LOST_ERRORS
-
     from ..core.estimate import factorize
     from ..core.gradients import GradientSums
 
