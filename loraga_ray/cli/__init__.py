@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("init", "train", "tune", "demo")
+SUBCOMMANDS = ("plan", "init", "train", "tune", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
