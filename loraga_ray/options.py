@@ -208,6 +208,8 @@ class TrainOptions:
                                          "checkpoints and every ~2 s)")
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
+    max_failures: int | None = opt(None, "times the Train workers restart from the last checkpoint after one is lost "
+                                         "(default: 1 on a joined cluster, 0 on an embedded Ray)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA path")
     allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
                                             "code when loaded: only for files you trust")
@@ -257,6 +259,9 @@ class TrainOptions:
             raise ValueError("--init-samples and --init-batch-size must be positive.")
         if self.init_workers is not None:
             _positive_int("init_workers", self.init_workers)
+        if self.max_failures is not None and (isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int)
+                                              or self.max_failures < 0):
+            raise ValueError(f"--max-failures must be an integer >= 0, got {self.max_failures!r}.")
         if self.report_every is not None and self.report_every < 1:
             raise ValueError(f"--report-every must be positive, got {self.report_every}.")
         if self.stop_after is not None and self.stop_after < 1:

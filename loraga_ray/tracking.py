@@ -177,6 +177,10 @@ class MlflowReportCallback(_UserCallback):
     are batched so they do not throttle training); each row is logged at its own ``step``. A
     report without it is logged as one row at its ``step``.
 
+    Each step is logged once: after the workers restart from a checkpoint (a lost worker, or
+    ``--resume``), the steps they run again are skipped (the run already holds them, and a
+    restarted run computes the same values).
+
     It runs in the Ray Train controller, which Ray places on the driver's node, so a local SQLite
     store is reachable from it even when the workers run on other nodes. A failing store is
     logged as a warning and never stops training (the metrics also stay in the checkpoints)."""
@@ -186,6 +190,7 @@ class MlflowReportCallback(_UserCallback):
         self.run_id = run_id
         self._client = None
         self._warned = False
+        self._logged_up_to = None  # the last step the MLflow run holds (read from it once)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -200,12 +205,19 @@ class MlflowReportCallback(_UserCallback):
         report = metrics[0]
         rows = report.get("step_metrics") or [report]
         ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, int(row.get("step", 0))) for row in rows for k, v in numeric_metrics(row).items()]
         try:
             if self._client is None:
                 from mlflow.tracking import MlflowClient
 
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            if self._logged_up_to is None:
+                history = self._client.get_metric_history(self.run_id, "train_loss")
+                self._logged_up_to = max((m.step for m in history), default=0)
+            rows = [row for row in rows if int(row.get("step", 0)) > self._logged_up_to]
+            if not rows:
+                return
+            self._logged_up_to = max(int(row.get("step", 0)) for row in rows)
+            items = [Metric(k, v, ts, int(row.get("step", 0))) for row in rows for k, v in numeric_metrics(row).items()]
             for i in range(0, len(items), 1000):
                 self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
         except Exception as e:  # keep training

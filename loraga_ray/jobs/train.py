@@ -67,6 +67,14 @@ def local_cpus(opts: TrainOptions, concurrent_runs: int = 1) -> int:
     return concurrent_runs * (math.ceil(opts.workers * opts.cpus_per_worker) + 1) + 1
 
 
+def max_failures(opts: TrainOptions) -> int:
+    """Restarts from the last checkpoint after a lost Train worker: the option, else 1 on a
+    joined cluster (preemptions happen there) and 0 on an embedded Ray."""
+    from .cluster import joins_cluster
+
+    return opts.max_failures if opts.max_failures is not None else (1 if joins_cluster(opts.address) else 0)
+
+
 def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | None = None) -> str:
     """An MLflow run for these options: params, and the parent tag when opts.parent_run_id."""
     params = {k: getattr(opts, k) for k in (
@@ -150,7 +158,7 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
             storage_path=str(storage_path),
             callbacks=all_callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=max_failures(opts)),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=build_datasets(opts, plan),
