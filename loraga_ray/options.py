@@ -208,6 +208,9 @@ class TrainOptions:
                                          "checkpoints and every ~2 s)")
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
+    stall_timeout: float = opt(300.0, "seconds a Train worker may leave Ray Train's health check unanswered (a "
+                                      "stopped or hung process) before it counts as lost: restarted (--max-failures) "
+                                      "or a clear error")
     max_failures: int | None = opt(None, "times the Train workers restart from the last checkpoint after one is lost "
                                          "(default: 1 on a joined cluster, 0 on an embedded Ray)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA path")
@@ -259,6 +262,7 @@ class TrainOptions:
             raise ValueError("--init-samples and --init-batch-size must be positive.")
         if self.init_workers is not None:
             _positive_int("init_workers", self.init_workers)
+        _positive("stall_timeout", self.stall_timeout)
         if self.max_failures is not None and (isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int)
                                               or self.max_failures < 0):
             raise ValueError(f"--max-failures must be an integer >= 0, got {self.max_failures!r}.")

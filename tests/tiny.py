@@ -140,3 +140,18 @@ def write_tiny_llama(folder, tokenizer, max_positions: int = 128):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def ray_processes_of_this_session():
+    """The processes of the Ray instance this test process started (its raylet's workers are
+    its descendants): faults are sent only to them, never to another Ray on the machine."""
+    import os
+
+    import psutil
+
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            proc.cmdline()
+        except psutil.Error:  # gone meanwhile
+            continue
+        yield proc

@@ -52,7 +52,7 @@ def run_trial(config: dict, setup: dict) -> None:
 
     from .. import tracking
     from .run_plan import plan_run
-    from .train import build_trainer, create_mlflow_run
+    from .train import build_trainer, create_mlflow_run, train_environment
     from .run_folder import write_outputs
 
     started = time.time()
@@ -86,7 +86,8 @@ def run_trial(config: dict, setup: dict) -> None:
     trainer = build_trainer(opts, name=trial_id, storage_path=setup["train_storage"], callbacks=[_report_to_tune()],
                             mlflow_run_id=run_id, plan=plan, artifact=artifact)
     try:
-        result = trainer.fit()
+        with train_environment(opts):
+            result = trainer.fit()
     except BaseException:
         with contextlib.suppress(Exception):
             tracking.set_status(opts.tracking_uri, run_id, "FAILED")

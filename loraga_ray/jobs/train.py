@@ -67,6 +67,15 @@ def local_cpus(opts: TrainOptions, concurrent_runs: int = 1) -> int:
     return concurrent_runs * (math.ceil(opts.workers * opts.cpus_per_worker) + 1) + 1
 
 
+def train_environment(opts: TrainOptions):
+    """The Ray Train settings of a run, as the environment of the process that calls
+    ``trainer.fit()`` (Train hands RAY_TRAIN_* variables on to its controller): a worker that
+    leaves the health check unanswered for ``stall_timeout`` seconds counts as lost."""
+    from ..envvars import environment
+
+    return environment(RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S=f"{opts.stall_timeout:g}")
+
+
 def max_failures(opts: TrainOptions) -> int:
     """Restarts from the last checkpoint after a lost Train worker: the option, else 1 on a
     joined cluster (preemptions happen there) and 0 on an embedded Ray."""
@@ -240,14 +249,19 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
              opts.init, plan.total_steps, opts.batch_size, opts.workers, "CUDA" if resources.cuda else "CPU",
              plan.eval_source, out / RAY_DIR)
     try:
-        result = trainer.fit()
+        with train_environment(opts):
+            result = trainer.fit()
     except BaseException as e:
         tracking.set_status(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, KeyboardInterrupt):
             raise
-        from .cluster import error_message
+        from .cluster import cause_of, error_message
 
-        raise RuntimeError(f"training failed: {error_message(e)}\nFix the cause, then continue with --resume --out "
+        why = error_message(e)
+        if "HealthCheck" in type(cause_of(e)).__name__:
+            why = (f"a Train worker left Ray Train's health check unanswered for --stall-timeout {opts.stall_timeout:g}s "
+                   "(stopped, hung, or out of memory) and --max-failures allowed no restart")
+        raise RuntimeError(f"training failed: {why}\nFix the cause, then continue with --resume --out "
                            f"{out} (from the last checkpoint, if any).") from e
     return write_outputs(opts, result, out, run_id, tracking_uri, started)
 
