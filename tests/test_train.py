@@ -539,17 +539,40 @@ def test_diverged_loss_stops_the_run_clearly(ray_session, assets, store, tmp_pat
     assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
 
 
+def signal_train_worker_after_a_checkpoint(out, sig):
+    """Fault injection from outside: a thread waits for the run in ``out`` to write its first
+    checkpoint, then sends ``sig`` to one Train worker of this test's Ray session. Returns the
+    list it fills with (pid, time) and the thread."""
+    import os
+    import threading
+    import time
+
+    from tiny import ray_processes_of_this_session
+
+    sent = []
+
+    def send():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list((out / "ray").glob("**/checkpoint_*")):
+            time.sleep(0.05)
+        for proc in ray_processes_of_this_session():
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                os.kill(proc.pid, sig)
+                sent.append((proc.pid, time.time()))
+                return
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return sent, thread
+
+
 def test_lost_train_worker_restarts_from_the_checkpoint(ray_session, assets, store, tmp_path):
     """A Train worker SIGKILLed mid-run (from outside, once a checkpoint exists): with
     --max-failures 1 Ray Train restarts it from the last checkpoint, the run finishes with the
     adapter an uninterrupted run gives (max abs diff <= 1e-6, float32 on CPU), and MLflow holds
     each step's metrics exactly once."""
-    import os
     import signal
-    import threading
-    import time
 
-    from tiny import ray_processes_of_this_session
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
@@ -557,20 +580,7 @@ def test_lost_train_worker_restarts_from_the_checkpoint(ray_session, assets, sto
                   tracking_uri=store, max_failures=1)
     plain = fit(_opts(assets, tmp_path / "plain", **common))
     out = tmp_path / "killed"
-    killed = []
-
-    def killer():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list((out / "ray").glob("**/checkpoint_*")):
-            time.sleep(0.05)
-        for proc in ray_processes_of_this_session():
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                os.kill(proc.pid, signal.SIGKILL)
-                killed.append(proc.pid)
-                return
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    killed, thread = signal_train_worker_after_a_checkpoint(out, signal.SIGKILL)
     metrics = fit(_opts(assets, out, **common))
     thread.join(timeout=10)
     assert len(killed) == 1 and metrics["done"] and metrics["step"] == 60
@@ -589,26 +599,10 @@ def test_stopped_train_worker_counts_as_lost(ray_session, assets, tmp_path):
     Ray Train's 10-minute default)."""
     import os
     import signal
-    import threading
     import time
 
-    from tiny import ray_processes_of_this_session
-
     out = tmp_path / "run"
-    stopped = []
-
-    def stopper():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list((out / "ray").glob("**/checkpoint_*")):
-            time.sleep(0.05)
-        for proc in ray_processes_of_this_session():
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                os.kill(proc.pid, signal.SIGSTOP)
-                stopped.append((proc.pid, time.time()))
-                return
-
-    thread = threading.Thread(target=stopper, daemon=True)
-    thread.start()
+    stopped, thread = signal_train_worker_after_a_checkpoint(out, signal.SIGSTOP)
     try:
         with pytest.raises(RuntimeError, match=r"training failed: a Train worker left Ray Train's health check "
                                                r"unanswered for --stall-timeout 8s"):
