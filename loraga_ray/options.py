@@ -18,6 +18,7 @@ from .core.factors import DIRECTIONS, SCALES, SVD_METHODS
 INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+INIT_STRATEGIES = ("auto", "replicated", "sharded")
 TASK_CHOICES = ("seq-cls", "causal-lm")
 COLUMN_FIELDS = ("text_column", "label_column", "prompt_column", "response_column")
 INIT_WORKER_CPUS = 0.25  # logical CPUs a gradient worker reserves: Ray Data's tasks need the rest
@@ -88,6 +89,10 @@ class InitOptions:
     batch_size: int = opt(8, "examples per forward/backward pass of the estimate")
     max_rank: int = opt(32, "largest LoRA rank the artifact serves; it keeps 2 x max_rank singular triplets")
     workers: int = opt(1, "gradient workers (Ray actors)")
+    init_strategy: str = opt("auto", "replicated: every worker holds the whole model; sharded: FSDP2 over the workers, "
+                                     "each holds 1/N of the weights and gradient sums, the SVD runs on the shards; "
+                                     "auto: replicated if it fits the workers' memory, else sharded",
+                             choices=INIT_STRATEGIES)
     gpus_per_worker: float | None = opt(None, "GPUs per worker (default: 1 if the cluster has GPUs now, else 0 = CPU); "
                                               "pass 1 on an autoscaling cluster whose GPU nodes start at zero")
     seed: int = opt(0, "sampling seed (and the seed of a new classifier head)")
@@ -121,6 +126,7 @@ class InitOptions:
         for name in ("num_samples", "batch_size", "max_rank", "workers"):
             _positive_int(name, getattr(self, name), flag={"num_samples": "--init-samples"}.get(name))
         _choice("svd", self.svd, SVD_METHODS)
+        _choice("init_strategy", self.init_strategy, INIT_STRATEGIES)
         _choice("dtype", self.dtype, DTYPES)
         if self.task is not None:
             _choice("task", self.task, TASK_CHOICES)
@@ -193,6 +199,8 @@ class TrainOptions:
     init_batch_size: int = opt(8, "examples per forward/backward pass of the gradient estimate")
     init_workers: int | None = opt(None, "gradient workers of the estimate (default: --workers)")
     init_svd: str = opt("randomized", "truncated SVD method of the estimate", choices=SVD_METHODS)
+    init_strategy: str = opt("auto", "how the estimate holds the model: replicated, sharded (FSDP2 over the gradient "
+                                     "workers) or auto (the planner's pick)", choices=INIT_STRATEGIES)
     task: str | None = opt(None, "seq-cls or causal-lm (default: from the data's columns)", choices=TASK_CHOICES)
     text_column: str | None = opt(None, "seq-cls text column (default text)")
     label_column: str | None = opt(None, "seq-cls label column (default label)")
@@ -227,6 +235,7 @@ class TrainOptions:
         _choice("scale", self.scale, SCALES)
         _choice("device", self.device, DEVICES)
         _choice("init_svd", self.init_svd, SVD_METHODS)
+        _choice("init_strategy", self.init_strategy, INIT_STRATEGIES)
         if self.task is not None:
             _choice("task", self.task, TASK_CHOICES)
         _positive_int("rank", self.rank)
@@ -281,7 +290,7 @@ class TrainOptions:
         return InitOptions(
             model=self.model, data=self.data, out=out, num_samples=self.init_samples, batch_size=self.init_batch_size,
             max_rank=max_rank, workers=self.init_workers or self.workers, gpus_per_worker=gpus, seed=self.seed,
-            svd=self.init_svd, max_length=self.max_length, split="train", task=task,
+            svd=self.init_svd, init_strategy=self.init_strategy, max_length=self.max_length, split="train", task=task,
             target_modules=self.target_modules, address=self.address, progress=progress,
             allow_pickle_weights=self.allow_pickle_weights,
             num_labels=num_labels if task == "seq-cls" else None, **column_kwargs(self),

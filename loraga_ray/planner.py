@@ -29,11 +29,10 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from torch import nn
 
 GiB = 2**30
-# what this version runs; the planner also prices the strategies that are coming (sharded init)
-AVAILABLE = {"init": ("replicated",), "train": ("ddp",)}
+# what this version runs; the planner also prices the strategies that are coming
+AVAILABLE = {"init": ("replicated", "sharded"), "train": ("ddp",)}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -69,27 +68,21 @@ class ModelShape:
     lora_params_per_rank: int  # sum over targets of d_in + d_out
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The longest ModuleList of same-class modules: the transformer blocks."""
-    best: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
-            best = list(module)
-    return best
-
-
 def model_shape(model: str, task: str | None = None, target_modules=None, num_labels: int = 2) -> ModelShape:
-    from .core.targets import find_target_modules, target_shapes
+    """The counts of ``model`` from its config. Raises QuantisedModelError for a quantised base and
+    ShardingError for a model without repeated blocks."""
+    from .core.sharded import ShardingError, no_blocks_message, repeated_blocks
+    from .core.targets import check_not_quantised, find_target_modules, target_shapes
     from .models import meta_model, resolve_model
 
     spec = resolve_model(model, task, check=False)  # a config is enough
     m = meta_model(spec, num_labels=num_labels)
+    check_not_quantised(m)
     names = find_target_modules(m, target_modules)
     shapes = target_shapes(m, names)
-    blocks = _blocks(m)
+    blocks = repeated_blocks(m)
     if not blocks:
-        raise ValueError(f"{model} has no repeated blocks (a ModuleList of layers): the sharded strategy wraps one "
-                         "block per FSDP unit, so it cannot shard this model. Use the replicated strategy.")
+        raise ShardingError(no_blocks_message(model))
     block_ids = {id(p) for p in blocks[0].parameters()}
     modules = dict(m.named_modules())
     block_target = sum(d_out * d_in for n, (d_out, d_in) in shapes.items() if id(modules[n].weight) in block_ids)
@@ -213,7 +206,7 @@ def format_plan(p: dict) -> str:
             mark = "fits" if r["fits"] else "does not fit"
             chosen = " <- auto" if p[stage]["strategy"] == r["strategy"] else ""
             if r["strategy"] not in AVAILABLE[stage]:
-                chosen += " (not in this version: today's init is replicated)"
+                chosen += " (not in this version)"
             lines.append(f"{stage:5s} {r['strategy']:10s} {fmt_bytes(r['per_worker_bytes']):>11s} per worker, {mark}{chosen}")
             lines += [f"        {k}: {fmt_bytes(v)}" for k, v in r["parts"].items()]
         message = refusal(p, stage)

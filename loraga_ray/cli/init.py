@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("the estimate")
     add_options(g, InitOptions, ("num_samples", "batch_size", "max_rank", "seed", "svd", "max_length", "dtype"))
     g = p.add_argument_group("cluster")
-    add_options(g, InitOptions, ("workers", "gpus_per_worker", "cpus_per_worker", "address", "max_retries",
+    add_options(g, InitOptions, ("workers", "init_strategy", "gpus_per_worker", "cpus_per_worker", "address", "max_retries",
                                  "stall_timeout", "resource_timeout", "progress"))
     g.add_argument("--summary-json", default=None, help="also write the run summary to this JSON file")
 

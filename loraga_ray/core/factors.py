@@ -41,7 +41,7 @@ def adapter_scaling(alpha: float, rank: int, use_rslora: bool = True) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def _fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Make the largest-magnitude entry of each left singular vector positive (a canonical sign)."""
     idx = U.abs().argmax(dim=0)
     signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
@@ -80,7 +80,7 @@ def truncated_svd(
             torch.manual_seed(seed)
             U, S, V = torch.svd_lowrank(G.float(), q=q, niter=niter)
         U, S, V = U[:, :k], S[:k], V[:, :k]
-    U, V = _fix_signs(U, V)
+    U, V = fix_signs(U, V)
     return U.float().contiguous(), S.float().contiguous(), V.float().contiguous()
 
 

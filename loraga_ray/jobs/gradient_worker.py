@@ -30,9 +30,12 @@ class WorkerLostError(RuntimeError):
 class GradientWorker:
     """One gradient worker (a Ray actor): holds the model, streams batches, keeps float32 sums.
 
-    ``setup`` loads the model (so load errors come back as ordinary task errors), ``consume``
-    runs the stream, ``progress`` answers while ``consume`` runs (the actor has two threads),
-    ``layer`` hands back one layer's partial sum and forgets it.
+    ``probe`` tells the driver the device memory before anything is loaded; ``join`` enters the
+    workers' torch.distributed group (sharded strategy); ``setup`` loads the model (so load errors
+    come back as ordinary task errors) and, sharded, wraps it with FSDP2; ``consume`` runs the
+    stream; ``progress`` answers while ``consume`` runs (the actor has two threads). Replicated,
+    ``layer`` hands back one layer's whole partial sum and forgets it; sharded, ``svd_layer`` takes
+    part in the distributed SVD of one layer and hands back only this rank's rows of its factors.
     """
 
     def __init__(self, model: str, task: str, num_labels: int, seed: int, target_modules, max_rank: int,
@@ -42,8 +45,44 @@ class GradientWorker:
         self.allow_pickle_weights = allow_pickle_weights
         self.examples = self.tokens = 0
         self.sums = {}
+        self.sharded = None  # the ShardedAccumulator, sharded strategy only
+        self._sum_bytes = 0
 
-    def setup(self) -> dict:
+    def probe(self) -> dict:
+        """The node and the memory a worker there may use: its GPU's, or on CPU the node's RAM."""
+        import ray
+        import psutil
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return {"node": ray.get_runtime_context().get_node_id(), "cuda": cuda,
+                "device_bytes": int(torch.cuda.get_device_properties(0).total_memory if cuda
+                                    else psutil.virtual_memory().total)}
+
+    def address(self) -> str:
+        """A ``tcp://ip:port`` rendezvous on this worker's node (rank 0) for the process group."""
+        import socket
+
+        import ray
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def join(self, url: str, world: int, timeout_s: float) -> None:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)  # the actor sees its own GPU as device 0
+        dist.init_process_group(backend, init_method=url, rank=self.rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+    def setup(self, strategy: str = "replicated") -> dict:
         import socket
 
         import ray
@@ -61,6 +100,12 @@ class GradientWorker:
         self.pad_id = load_tokenizer(spec).pad_token_id
         self.names = find_target_modules(self.model, self.target_modules)
         shapes = check_rank_fits(self.model, self.names, self.max_rank)
+        fingerprint = weight_fingerprint(self.model, self.names)  # of the whole weights, before any sharding
+        if strategy == "sharded":
+            from ..core.sharded import ShardedAccumulator
+
+            self.sharded = ShardedAccumulator(self.model, self.names, pad_id=self.pad_id or 0,
+                                              model_name=repr(self.model_name))
         return {
             "rank": self.rank,
             "node": ray.get_runtime_context().get_node_id(),
@@ -70,9 +115,26 @@ class GradientWorker:
             "cpu_count": os.cpu_count() or 1,
             "names": list(self.names),
             "shapes": {n: list(s) for n, s in shapes.items()},
-            "fingerprint": weight_fingerprint(self.model, self.names),
+            "fingerprint": fingerprint,
             "model_class": type(self.model).__name__,
         }
+
+    def memory(self) -> dict:
+        """What this worker held: tensor bytes of its parameters and float32 sums, and its peak
+        (CUDA: max allocated; CPU: the process's peak RSS)."""
+        import resource
+
+        import torch
+
+        if self.sharded is not None:
+            held = self.sharded.held_bytes()
+        else:
+            held = {"param_bytes": int(sum(p.numel() * p.element_size() for p in self.model.parameters())),
+                    "sum_bytes": int(self._sum_bytes)}
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cuda = torch.cuda.is_available()
+        return {"rank": self.rank, **held, "peak_rss_bytes": int(peak_rss),
+                "peak_device_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None}
 
     def consume(self, stream, batch_size: int, threads: int) -> dict:
         import torch
@@ -82,6 +144,8 @@ class GradientWorker:
 
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
+        if self.sharded is not None:
+            return self._consume_sharded(stream, batch_size)
         seen, batches = [], 0
         with GradientAccumulator(self.model, self.names) as acc:
             for batch in stream.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
@@ -94,6 +158,10 @@ class GradientWorker:
                 self.tokens += n_tokens
             result = acc.sums()
         self.sums = result.sums
+        self._sum_bytes = sum(t.numel() * t.element_size() for t in self.sums.values())
+        return self._counts(result, seen)
+
+    def _counts(self, result, seen: list) -> dict:
         return {
             "rank": self.rank,
             "examples": result.num_examples,
@@ -103,6 +171,50 @@ class GradientWorker:
             "seconds": result.seconds,
             "ids": np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64),
         }
+
+    def _consume_sharded(self, stream, batch_size: int) -> dict:
+        """Lockstep over the ranks: one step per batch of the longest stream (see core.sharded)."""
+        from ..data import collate
+
+        acc, seen = self.sharded, []
+        it = iter(stream.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1)) \
+            if stream is not None else iter(())
+        while True:
+            batch = next(it, None)
+            tensors = None
+            if batch is not None:
+                tensors = collate({"input_ids": batch["input_ids"], "labels": batch["labels"]}, self.pad_id, self.task)
+                tokens = int(tensors["attention_mask"].sum())
+                tensors = {k: v.to(acc.device, non_blocking=True) for k, v in tensors.items()}
+            if not acc.step(tensors):
+                break
+            if batch is not None:
+                seen.append(np.asarray(batch[SAMPLE_INDEX], dtype=np.int64))
+                self.examples += len(seen[-1])
+                self.tokens += tokens
+        return self._counts(acc.local_sums(), seen)
+
+    def svd_layer(self, name: str, k: int, num_targets: int, exact: bool, seed: int) -> dict:
+        """One layer's distributed SVD (every rank calls it for the same layer): this rank's rows
+        of the row-sharded factor, and on rank 0 the singular values and the other factor. The
+        layer's sums are released."""
+        import torch
+        import torch.distributed as dist
+
+        from ..core.gradients import check_finite
+        from ..core.sharded_svd import sharded_svd
+
+        g = self.sharded.sums.pop(name).div_(num_targets)
+        bad = torch.tensor([float(not torch.isfinite(g).all())], device=g.device)
+        dist.all_reduce(bad)  # every rank stops together, or none does (a lone raise would hang the others)
+        if bad.item():
+            check_finite(name, g if not torch.isfinite(g).all() else torch.tensor([float("nan")]))
+        rows, S, other = sharded_svd(g, k, seed=seed, exact=exact)
+        del g
+        out = {"rows": rows.cpu().numpy(), "transposed": self.sharded.transposed[name]}
+        if self.rank == 0:
+            out |= {"S": S.cpu().numpy(), "other": other.cpu().numpy()}
+        return out
 
     def progress(self) -> tuple[int, int]:
         return self.examples, self.tokens
@@ -131,8 +243,12 @@ def reserve(plan: WorkerResources):
     return pg
 
 
-def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_labels: int) -> tuple[list, list[dict]]:
-    """Create the actors and load the model in each; checks they all hold the same weights."""
+def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_labels: int, *, choose=None,
+                  make_streams=None) -> tuple[list, list[dict], object, object]:
+    """Create the actors, decide the strategy from what they report (``choose(probes)`` returns a
+    ``Decision``; None: replicated), let ``make_streams(decision)`` start the data stream while the
+    model loads, join the workers' process group (sharded), and load the model in each; checks
+    they all hold the same weights. Returns ``(workers, infos, decision, streams)``."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -145,7 +261,13 @@ def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_l
             opts.model, task, num_labels, opts.seed, opts.target_modules, opts.max_rank, i, opts.dtype,
             opts.allow_pickle_weights))
     try:
-        infos = ray.get([w.setup.remote() for w in workers])
+        decision = choose(ray.get([w.probe.remote() for w in workers])) if choose is not None else None
+        sharded = decision is not None and decision.strategy == "sharded"
+        streams = make_streams(decision) if make_streams is not None else None
+        if sharded:
+            url = ray.get(workers[0].address.remote())
+            ray.get([w.join.remote(url, len(workers), opts.stall_timeout + 60) for w in workers])
+        infos = ray.get([w.setup.remote("sharded" if sharded else "replicated") for w in workers])
     except LOST_ERRORS as e:
         kill_workers(workers)
         raise WorkerLostError(f"a gradient worker died while loading {opts.model!r}: {str(e).splitlines()[0]}") from e
@@ -160,7 +282,7 @@ def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_l
             f"the gradient workers loaded different weights for {opts.model!r} (hosts {hosts}); every node must "
             "see the same model files: install them in the cluster's setup or use shared storage."
         )
-    return workers, infos
+    return workers, infos, decision, streams
 
 
 def kill_workers(workers) -> None:

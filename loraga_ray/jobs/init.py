@@ -35,7 +35,7 @@ import numpy as np
 from ..core.artifact import InitArtifact, build_meta
 from ..core.files import output_lock
 from ..options import InitOptions
-from .cluster import connect
+from .cluster import connect, reraise_clean
 from .gradient_worker import (
     LOST_ERRORS,
     WorkerLostError,
@@ -45,7 +45,8 @@ from .gradient_worker import (
     run_gradient,
     start_workers,
 )
-from .init_data import data_context, is_uri, path_for_tasks, read_sample, token_streams
+from .init_data import data_context, is_uri, path_for_tasks, read_sample, token_shards, token_streams
+from .init_strategy import Decision, decide
 from .resources import WorkerResources, plan_workers
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class _Gradients:
     factors: dict
     reduce: dict
     retries: int
+    decision: Decision
+    memory: list[dict]  # per worker: tensor bytes held and peak memory
 
     def total(self, key: str) -> int:
         return int(sum(r[key] for r in self.results))
@@ -160,36 +163,57 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
                     times: dict) -> _Gradients:
     """Start the workers, stream the sample through them, reduce and factorise; a worker lost on
     the way makes the whole stage run again on fresh workers (``max_retries`` times)."""
+    import ray
     from ray.util.placement_group import remove_placement_group
 
     from ..data import Encoder
     from ..models import DEMO_MODELS
+    from ..planner import fmt_bytes
 
     # the model is named by its path: every worker resolves it on its own node
     model = opts.model if opts.model in DEMO_MODELS or is_uri(opts.model) else path_for_tasks(Path(opts.model).expanduser())
     run_opts = replace(opts, model=model)
     encoder = Encoder(model, task, opts.max_length)
     total = sample.num_rows
+    decided = []  # the strategy is decided once, from the first workers' memory, and kept on a retry
+
+    def choose(probes):
+        if not decided:
+            decided.append(decide(opts, task, num_labels, probes))
+            d = decided[0]
+            log.info("init strategy %s (%s; %s per worker of %s by the planner)%s", d.strategy, d.reason,
+                     fmt_bytes(d.per_worker_bytes or 0), fmt_bytes(d.memory_bytes or 0),
+                     f"; micro-batch lowered to {d.batch_size} to fit" if d.batch_size < opts.batch_size else "")
+        return decided[0]
+
+    def make_streams(d):
+        if d.strategy == "sharded":  # fixed contiguous shares: the ranks step in lockstep, never waiting on each other's data
+            return token_shards(sample, encoder, d.batch_size, opts.workers)
+        return token_streams(sample, encoder, d.batch_size, opts.workers)
+
     for attempt in range(opts.max_retries + 1):
         t1 = time.perf_counter()
         pg = reserve(plan)
         workers = []
         try:
-            # the stream's coordinator actor starts while the workers load the model
-            streams = token_streams(sample, encoder, opts.batch_size, opts.workers)
-            workers, infos = start_workers(run_opts, plan, pg, task, num_labels)
+            workers, infos, d, streams = start_workers(run_opts, plan, pg, task, num_labels, choose=choose,
+                                                       make_streams=make_streams)
             times["start_s"] = time.perf_counter() - t1
             log.info("%d gradient worker(s) on %s", len(workers), ", ".join(sorted({f"{i['host']}:{i['device']}" for i in infos})))
             t2 = time.perf_counter()
-            results = run_gradient(workers, infos, streams, run_opts, total)
+            results = run_gradient(workers, infos, streams, replace(run_opts, batch_size=d.batch_size), total)
             times["gradient_s"] = time.perf_counter() - t2
             check_counts(results, total)
+            memory = ray.get([w.memory.remote() for w in workers])
             examples, targets = (int(sum(r[k] for r in results)) for k in ("examples", "targets"))
-            factors, red = reduce_and_factorize(workers, infos[0]["names"], examples, targets, opts)
+            if d.strategy == "sharded":
+                factors, red = sharded_factorize(workers, infos[0], targets, opts)
+            else:
+                factors, red = reduce_and_factorize(workers, infos[0]["names"], examples, targets, opts)
             times["reduce_s"], times["svd_s"] = red["reduce_s"], red["svd_s"]
-            log.info("gradient: %d examples in %.1fs; reduce %.1fs (%.1f MiB moved), svd %.1fs", total,
+            log.info("gradient: %d examples in %.1fs; reduce %.1fs (driver received %.2f MiB), svd %.1fs", total,
                      times["gradient_s"], times["reduce_s"], red["reduce_bytes"] / 2**20, times["svd_s"])
-            return _Gradients(results, infos, factors, red, retries=attempt)
+            return _Gradients(results, infos, factors, red, retries=attempt, decision=d, memory=memory)
         except (WorkerLostError, *LOST_ERRORS) as e:  # a worker, or objects it owned, gone
             if not isinstance(e, WorkerLostError):
                 e = WorkerLostError(f"a gradient worker's results were lost ({type(e).__name__}: "
@@ -245,6 +269,45 @@ def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, op
     return factors, {"reduce_s": reduce_s, "svd_s": svd_s, "reduce_bytes": moved, "reduce_peak_mb": peak / 2**20}
 
 
+def sharded_factorize(workers, info0: dict, num_targets: int, opts: InitOptions) -> tuple[dict, dict]:
+    """The distributed SVD, one layer at a time on all workers together (core.sharded_svd): the
+    driver receives each worker's rows of the sharded factor and, from rank 0, the singular values
+    and the other factor: the artifact's size, never a gradient."""
+    import ray
+    import torch
+
+    from ..core.factors import fix_signs
+
+    factors, received, svd_s = {}, 0, 0.0
+    names = info0["names"]
+    layers = names
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(names, desc="sharded svd", unit="layer", dynamic_ncols=True)
+    k = 2 * opts.max_rank
+    for name in layers:
+        t0 = time.perf_counter()
+        try:
+            parts = ray.get([w.svd_layer.remote(name, k, num_targets, opts.svd == "exact", opts.seed) for w in workers])
+        except LOST_ERRORS as e:
+            raise WorkerLostError(f"a gradient worker died during the sharded SVD of {name}: {str(e).splitlines()[0]}") from e
+        except Exception as e:
+            reraise_clean(e)
+        received += sum(a.nbytes for p in parts for key, a in p.items() if isinstance(a, np.ndarray))
+        rows = torch.from_numpy(np.concatenate([p["rows"] for p in parts]))  # (a new, writable array)
+        S, other = torch.tensor(parts[0]["S"]), torch.tensor(parts[0]["other"])
+        U, V = (other, rows) if parts[0]["transposed"] else (rows, other)  # a Conv1D layer's shards are rows of Gᵀ
+        d_out, d_in = info0["shapes"][name]
+        if tuple(U.shape) != (d_out, k) or tuple(V.shape) != (d_in, k):
+            raise RuntimeError(f"the sharded SVD of {name} gave U {tuple(U.shape)}, V {tuple(V.shape)} for a "
+                               f"{d_out}x{d_in} layer; this is a bug, please report it.")
+        U, V = fix_signs(U, V)
+        factors[name] = (U.contiguous(), S.contiguous(), V.contiguous())
+        svd_s += time.perf_counter() - t0
+    return factors, {"reduce_s": 0.0, "svd_s": svd_s, "reduce_bytes": received, "reduce_peak_mb": 0.0}
+
+
 def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gradients, times: dict) -> dict:
     info0 = grads.infos[0]
     meta = build_meta(
@@ -266,6 +329,8 @@ def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gra
             "num_batches": grads.total("batches"),
             "num_tokens": grads.total("tokens"),
             "workers": opts.workers,
+            "strategy": grads.decision.strategy,
+            "driver_bytes_received": int(grads.reduce["reduce_bytes"]),
             "dataset": opts.data,
             "split": opts.split,
             "dataset_rows": info["dataset_rows"],
@@ -274,7 +339,7 @@ def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gra
             "num_labels": num_labels if task == "seq-cls" else None,
             "max_length": opts.max_length,
             "model_dtype": opts.dtype,
-            "batch_size": opts.batch_size,
+            "batch_size": grads.decision.batch_size,
         },
     )
     meta["model_class"] = info0["model_class"]
@@ -307,6 +372,12 @@ def _summary(opts: InitOptions, info: dict, grads: _Gradients, plan: WorkerResou
         "reduce_peak_mb": round(red["reduce_peak_mb"], 2),
         "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
         "retries": grads.retries,
+        "strategy": grads.decision.strategy,
+        "strategy_reason": grads.decision.reason,
+        "micro_batch": grads.decision.batch_size,
+        "planned_bytes_per_worker": grads.decision.per_worker_bytes,
+        "driver_bytes_received": int(red["reduce_bytes"]),
+        "memory_per_worker": grads.memory,
     }
 
 
@@ -331,6 +402,12 @@ def format_summary(summary: dict) -> str:
         f"moved {summary['bytes_moved'] / mb:.1f} MiB (sample {summary['sample_bytes'] / mb:.2f}, reduce {summary['reduce_bytes'] / mb:.1f}); "
         f"driver peak RSS {summary['driver_peak_rss_mb']:.0f} MiB, reduce buffers {summary['reduce_peak_mb']:.1f} MiB",
     ]
+    if summary.get("memory_per_worker"):
+        held = ", ".join(f"{m['param_bytes'] / mb:.1f}+{m['sum_bytes'] / mb:.1f}" for m in summary["memory_per_worker"])
+        peaks = ", ".join(f"{(m['peak_device_bytes'] or m['peak_rss_bytes']) / mb:.0f}" for m in summary["memory_per_worker"])
+        kind = "CUDA max allocated" if summary["memory_per_worker"][0]["peak_device_bytes"] is not None else "peak RSS"
+        lines.append(f"strategy {summary['strategy']} ({summary['strategy_reason']}); per worker weights+sums MiB [{held}], "
+                     f"{kind} MiB [{peaks}]; driver received {summary['driver_bytes_received'] / mb:.2f} MiB from the workers")
     if summary.get("retries"):
         lines.append(f"retries {summary['retries']} (a gradient worker was lost and its stage rerun)")
     if summary.get("out"):

@@ -223,3 +223,14 @@ def token_dataset(sample: pa.Table, encoder, batch_size: int):
 def token_streams(sample: pa.Table, encoder, batch_size: int, workers: int):
     """One stream per worker of the tokenised sample (every row goes to exactly one stream)."""
     return token_dataset(sample, encoder, batch_size).streaming_split(workers, equal=False)
+
+
+def token_shards(sample: pa.Table, encoder, batch_size: int, workers: int) -> list:
+    """One tokenised dataset per worker of the sharded strategy: contiguous shares of the sample
+    that differ by at most one row (None for a worker with no row). Fixed shares, not a streaming
+    split: the sharded workers step in lockstep, and a split's coordinator could hand the next
+    block to a worker that is waiting in a collective for the others."""
+    n = sample.num_rows
+    bounds = [n * i // workers for i in range(workers + 1)]
+    return [token_dataset(sample.slice(a, b - a), encoder, batch_size) if b > a else None
+            for a, b in zip(bounds, bounds[1:])]
