@@ -195,7 +195,13 @@ def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8, sig=None):
         ds = token_dataset(sample, encoder, batch_size).map_batches(gate, batch_format="pyarrow", batch_size=None)
         return ds.streaming_split(workers, equal=False)
 
+    def gated_shards(sample, encoder, batch_size, workers):
+        return [None if ds is None else ds.map_batches(gate, batch_format="pyarrow", batch_size=None)
+                for ds in real_shards(sample, encoder, batch_size, workers)]
+
+    real_shards = init_job.token_shards
     monkeypatch.setattr(init_job, "token_streams", gated_streams)
+    monkeypatch.setattr(init_job, "token_shards", gated_shards)
     killed: list[int] = []
 
     def killer():
@@ -215,24 +221,28 @@ def kill_a_worker_mid_stream(monkeypatch, tmp_path, after: int = 8, sig=None):
     return killed, thread
 
 
-def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path, monkeypatch):
-    """One of 2 workers SIGKILLed mid-stream: the stage reruns on fresh workers, every example is
-    counted once, and the artifact equals the uninterrupted single-process estimate."""
+@pytest.mark.parametrize("strategy", ["replicated", "sharded"])
+def test_killed_worker_is_redone(ray_session, assets, ref24, tmp_path, monkeypatch, strategy):
+    """One of 2 workers SIGKILLed mid-stream (sharded: the other then waits in a collective for
+    it): the stage reruns on fresh workers, every example is counted once, and the artifact equals
+    the uninterrupted single-process estimate."""
     ref, _, _ = ref24
     out = tmp_path / "init"
     killed, thread = kill_a_worker_mid_stream(monkeypatch, tmp_path)
-    art, summary = run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out)))
+    art, summary = run_init(options(assets, workers=2, gpus_per_worker=0, out=str(out), init_strategy=strategy))
     thread.join(timeout=10)
-    assert len(killed) == 1 and summary["retries"] == 1
+    assert len(killed) == 1 and summary["retries"] == 1 and summary["strategy"] == strategy
     assert art.meta["num_examples"] == 24 and art.meta["num_targets"] == 24 and sum(summary["examples_per_worker"]) == 24
     assert_same(art, ref)
     assert InitArtifact.load(out).meta["num_examples"] == 24
 
 
-def test_stuck_worker_is_treated_as_lost(ray_session, assets, ref24, tmp_path, monkeypatch, caplog):
-    """A worker alive but stuck (SIGSTOP from outside: it never finishes another batch) counts as
-    lost after --stall-timeout: within the timeout plus 30 s of the stop the stage is rerun on
-    fresh workers, and the rerun gives the uninterrupted estimate."""
+@pytest.mark.parametrize("strategy,workers", [("replicated", 1), ("sharded", 2)])
+def test_stuck_worker_is_treated_as_lost(ray_session, assets, ref24, tmp_path, monkeypatch, caplog, strategy, workers):
+    """A worker alive but stuck (SIGSTOP from outside: it never finishes another batch; sharded,
+    the other rank then blocks in a collective) counts as lost after --stall-timeout: within the
+    timeout plus 30 s of the stop the stage is rerun on fresh workers, and the rerun gives the
+    uninterrupted estimate."""
     import logging
     import os
     import signal
@@ -241,8 +251,8 @@ def test_stuck_worker_is_treated_as_lost(ray_session, assets, ref24, tmp_path, m
     stopped, thread = kill_a_worker_mid_stream(monkeypatch, tmp_path, sig=signal.SIGSTOP)
     try:
         with caplog.at_level(logging.WARNING, logger="loraga_ray.jobs.init"):
-            art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(tmp_path / "init"),
-                                            stall_timeout=5))
+            art, summary = run_init(options(assets, workers=workers, gpus_per_worker=0, out=str(tmp_path / "init"),
+                                            stall_timeout=5, init_strategy=strategy))
     finally:
         for pid in stopped:  # the watchdog killed it; make sure nothing stays stopped
             with __import__("contextlib").suppress(ProcessLookupError):
@@ -250,6 +260,7 @@ def test_stuck_worker_is_treated_as_lost(ray_session, assets, ref24, tmp_path, m
     thread.join(timeout=10)
     assert len(stopped) == 1 and summary["retries"] == 1
     (rerun,) = [r for r in caplog.records if "finished no batch for 5s" in r.getMessage()]
+    assert summary["strategy"] == strategy
     assert "running the gradient stage again" in rerun.getMessage()
     assert rerun.created - (tmp_path / "release").stat().st_mtime < 5 + 30  # release is written just after the stop
     assert_same(art, ref)

@@ -269,3 +269,15 @@ def test_replicated_reports_what_it_held(ray_session, causal):
     assert summary["driver_bytes_received"] == 2 * sums
     assert art.meta["strategy"] == "replicated"
 
+
+
+def test_train_and_tune_hand_the_strategy_to_their_init():
+    """``train``/``tune`` run the init themselves: --init-strategy reaches it, and a wrong value
+    is refused before anything starts."""
+    from loraga_ray.options import TrainOptions
+
+    opts = TrainOptions(model="m", data="d", out="o", init_strategy="sharded", init_workers=4)
+    init = opts.init_options(out=None, max_rank=8, task="causal-lm", num_labels=None)
+    assert init.init_strategy == "sharded" and init.workers == 4
+    with pytest.raises(ValueError, match="unknown --init-strategy .gathered.: use one of auto, replicated, sharded"):
+        InitOptions(model="m", data="d", init_strategy="gathered").validate()

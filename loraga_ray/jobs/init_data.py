@@ -229,8 +229,10 @@ def token_shards(sample: pa.Table, encoder, batch_size: int, workers: int) -> li
     """One tokenised dataset per worker of the sharded strategy: contiguous shares of the sample
     that differ by at most one row (None for a worker with no row). Fixed shares, not a streaming
     split: the sharded workers step in lockstep, and a split's coordinator could hand the next
-    block to a worker that is waiting in a collective for the others."""
+    block to a worker that is waiting in a collective for the others. Tokenised here, before the
+    workers start stepping: the ranks then begin together, and a slow tokeniser is not mistaken
+    for a stuck worker."""
     n = sample.num_rows
     bounds = [n * i // workers for i in range(workers + 1)]
-    return [token_dataset(sample.slice(a, b - a), encoder, batch_size) if b > a else None
+    return [token_dataset(sample.slice(a, b - a), encoder, batch_size).materialize() if b > a else None
             for a, b in zip(bounds, bounds[1:])]
