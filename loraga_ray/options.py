@@ -216,9 +216,10 @@ class TrainOptions:
                                          "checkpoints and every ~2 s)")
     address: str | None = opt(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
-    stall_timeout: float = opt(300.0, "seconds a Train worker may leave Ray Train's health check unanswered (a "
-                                      "stopped or hung process) before it counts as lost: restarted (--max-failures) "
-                                      "or a clear error")
+    stall_timeout: float = opt(300.0, "seconds a Train worker may go without finishing a step (its watchdog then ends "
+                                      "it) or leave Ray Train's health check unanswered (a stopped process) before it "
+                                      "counts as lost: restarted from the last checkpoint (--max-failures) or a clear "
+                                      "error; the first step gets 300 s more")
     max_failures: int | None = opt(None, "times the Train workers restart from the last checkpoint after one is lost "
                                          "(default: 1 on a joined cluster, 0 on an embedded Ray)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA path")

@@ -604,8 +604,8 @@ def test_stopped_train_worker_counts_as_lost(ray_session, assets, tmp_path):
     out = tmp_path / "run"
     stopped, thread = signal_train_worker_after_a_checkpoint(out, signal.SIGSTOP)
     try:
-        with pytest.raises(RuntimeError, match=r"training failed: a Train worker left Ray Train's health check "
-                                               r"unanswered for --stall-timeout 8s"):
+        with pytest.raises(RuntimeError, match=r"training failed: a Train worker was lost: it finished no step, or "
+                                               r"left Ray Train's health check unanswered, for --stall-timeout 8s"):
             fit(_opts(assets, out, init="lora", workers=1, batch_size=4, max_steps=400, eval_every=400,
                       checkpoint_every=10, stall_timeout=8, max_failures=0))
         ended = time.time()
@@ -617,3 +617,81 @@ def test_stopped_train_worker_counts_as_lost(ray_session, assets, tmp_path):
     # measured here: ~44 s from the stop to the error (8 s timeout, then Ray Train's shutdown of the
     # stopped group); the goal of timeout + 30 s is missed by a few seconds
     assert len(stopped) == 1 and ended - stopped[0][1] < 8 + 60
+
+
+def block_the_eval_stream(monkeypatch, tmp_path):
+    """Fault injection from outside: the run's evaluation rows never arrive (the Ray Data task that
+    would deliver them waits forever), so at its first evaluation the Train worker's loop waits
+    for data while its actor still answers Ray Train's health check. Returns the file the blocked
+    task writes."""
+    from loraga_ray.jobs import run_plan, train as train_job
+
+    blocked = tmp_path / "blocked"
+
+    def make_gate(path: str):
+        def gate(batch):  # in a Ray Data task: the standard library only
+            import time as _time
+
+            open(path, "a").close()
+            while True:
+                _time.sleep(1)
+        return gate
+
+    real = run_plan.build_datasets
+
+    def gated(opts, plan):
+        datasets = real(opts, plan)
+        datasets["eval"] = datasets["eval"].map_batches(make_gate(str(blocked)), batch_format="pyarrow", batch_size=None)
+        return datasets
+
+    monkeypatch.setattr(train_job, "build_datasets", gated)
+    return blocked
+
+
+def test_train_worker_waiting_forever_for_data_ends_itself(ray_session, assets, tmp_path, monkeypatch):
+    """A Train worker whose evaluation data never comes (alive, answering Ray Train's health
+    check, its loop stuck): its step watchdog ends it after --stall-timeout, and the run fails with
+    a clear error within the timeout plus 30 s of the stall; nothing is exported."""
+    import time
+
+    out = tmp_path / "run"
+    blocked = block_the_eval_stream(monkeypatch, tmp_path)
+    with pytest.raises(RuntimeError, match=r"training failed: a Train worker was lost: it finished no step, or left "
+                                           r"Ray Train's health check unanswered, for --stall-timeout 8s"):
+        fit(_opts(assets, out, init="lora", workers=1, batch_size=4, max_steps=40, eval_every=8,
+                  checkpoint_every=4, stall_timeout=8, max_failures=0))
+    ended = time.time()
+    assert blocked.exists()
+    checkpoints = list((out / "ray").glob("**/checkpoint_*"))
+    assert checkpoints  # it trained until the first evaluation (step 8)
+    last = max(c.stat().st_mtime for c in checkpoints)  # step 4; steps 5-8 take well under a second
+    assert ended - last < 8 + 30
+    assert not (out / "adapter").exists()
+
+
+def test_step_watchdog_ends_a_process_that_stops_making_steps():
+    """The watchdog alone, in a process of its own: alive while steps are beaten in, then once
+    they stop it prints why and exits with its own code within about the timeout."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from loraga_ray.training.loop import StepWatchdog\n"
+        "w = StepWatchdog(1.0, rank=3)\n"
+        "for step in range(1, 9):\n"
+        "    time.sleep(0.25)\n"
+        "    w.beat(step)\n"
+        "print('still alive after 8 steps', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    from loraga_ray.training.loop import STALLED_EXIT_CODE
+
+    assert proc.returncode == STALLED_EXIT_CODE, proc.stderr[-2000:]
+    assert "still alive after 8 steps" in proc.stdout
+    assert "worker rank 3 finished no step for 1s after step 8 (--stall-timeout)" in proc.stdout
+    assert elapsed < 2 + 1 + 15  # the steps, the timeout, and the interpreter's start-up

@@ -257,10 +257,14 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
             raise
         from .cluster import cause_of, error_message
 
+        from ..training.loop import STALLED_EXIT_CODE
+
         why = error_message(e)
-        if "HealthCheck" in type(cause_of(e)).__name__:
-            why = (f"a Train worker left Ray Train's health check unanswered for --stall-timeout {opts.stall_timeout:g}s "
-                   "(stopped, hung, or out of memory) and --max-failures allowed no restart")
+        if "HealthCheck" in type(cause_of(e)).__name__ or f"exit code {STALLED_EXIT_CODE}" in str(e):
+            why = (f"a Train worker was lost: it finished no step, or left Ray Train's health check unanswered, for "
+                   f"--stall-timeout {opts.stall_timeout:g}s (stuck on a hung device, a data stream that never delivers "
+                   "or a collective waiting for a lost rank; stopped; or out of memory: its log says which), and "
+                   "--max-failures allowed no restart")
         raise RuntimeError(f"training failed: {why}\nFix the cause, then continue with --resume --out "
                            f"{out} (from the last checkpoint, if any).") from e
     return write_outputs(opts, result, out, run_id, tracking_uri, started)

@@ -55,6 +55,50 @@ def say(msg: str) -> None:
     sys.stdout.flush()
 
 
+STALLED_EXIT_CODE = 75  # a Train worker that ended itself: no step finished for --stall-timeout
+FIRST_STEP_GRACE_S = 300.0  # the first step also waits for the data stream and the collectives to start
+
+
+class StepWatchdog:
+    """Ends this Train worker's process when it finishes no step for ``timeout`` seconds.
+
+    Ray Train's health check asks the worker's actor, which answers while its training thread
+    is stuck (a hung device, a data stream that never delivers, a collective waiting for a rank
+    that is gone): only the training loop itself knows it makes no progress. A stuck thread cannot
+    be interrupted, so the watchdog prints why and exits the process; Ray Train then sees a lost
+    worker and restarts the group from the last checkpoint (``--max-failures``) or ends the run.
+    Under DDP/FSDP the other ranks, blocked in a collective with the stuck one, stop beating too
+    and end the same way. The first step gets ``FIRST_STEP_GRACE_S`` more."""
+
+    def __init__(self, timeout: float, rank: int):
+        import threading
+
+        self.timeout, self.rank = float(timeout), rank
+        self.deadline = time.monotonic() + self.timeout + FIRST_STEP_GRACE_S
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loraga-step-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int | None = None) -> None:
+        if step is not None:
+            self.step = step
+        self.deadline = time.monotonic() + self.timeout
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() > self.deadline:
+                say(f"worker rank {self.rank} finished no step for {self.timeout:g}s after step {self.step} "
+                    "(--stall-timeout): it is stuck (a hung device, a data stream that never delivers, or a "
+                    "collective waiting for a lost rank). Ending this worker so that Ray Train restarts the group "
+                    "from the last checkpoint (--max-failures) or ends the run.")
+                sys.stderr.flush()
+                os._exit(STALLED_EXIT_CODE)
+
+
 class WorkerRun:
     """The state of one worker's run: model, optimizer, where it resumed, what it reported."""
 
@@ -219,14 +263,24 @@ def train_loop_per_worker(config: dict) -> None:
     for ``config``)."""
     run = WorkerRun(config)
     run.resume()
+    watchdog = StepWatchdog(run.opts.stall_timeout, run.rank)
+    try:
+        _steps(run, watchdog)
+    finally:
+        watchdog.close()
+
+
+def _steps(run: WorkerRun, watchdog: StepWatchdog) -> None:
     opts, total = run.opts, run.total
     checkpoint_every = opts.checkpoint_every or opts.eval_every
     for step, raw in run.batches():
         metrics = run.train_step(step, raw)
+        watchdog.beat(step)
         done = step == total
         stopping = opts.stop_after is not None and step >= opts.stop_after and not done
         if step % opts.eval_every == 0 or done:
             metrics.update(run.evaluate())
+            watchdog.beat()
         if done:
             metrics["done"] = True
         run.history.append(metrics)
@@ -234,6 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint_now = step % checkpoint_every == 0 or done or stopping
         if run.report_due(metrics, checkpoint_now):
             run.report(metrics, checkpoint_now)
+            watchdog.beat()
         if stopping:
             if run.rank == 0:
                 say(f"stopped after step {step} as asked; continue with --resume")
