@@ -91,3 +91,21 @@ def test_edge_rule(conv, tmp_path):
     (folder / "space.yaml").write_text("seed: {grid: [1, 2]}\nlr: 0.0001\n")
     assert conv._folder_for_lr(folder, 1e-4) == folder  # same lr: resume it
     assert conv._folder_for_lr(folder, 3e-5) == tmp_path / "seeds_lr3e-05"  # another lr: its own search
+
+
+def test_gpu_scale_script_runs_on_cpu_with_a_tiny_model(tmp_path):
+    """The prepared single-GPU script (no Ray) runs end to end: every phase reports its figures,
+    the estimate equals its own sums' size, and nothing is left as an error."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_scale.json").read_text())
+    for phase in ("limit", "estimate", "peft_preprocess_loraga"):
+        assert result[phase]["tokens_per_s"] > 0, result[phase]
+    assert result["estimate"]["sum_bytes"] == 4 * result["target_params"]
+    assert result["svd"]["layers"] == 14 and result["svd"]["k"] == 16
+    assert set(result["train"]) == {"plain", "checkpointing"}
+    assert all("error" not in v for v in result["train"].values())
