@@ -211,6 +211,8 @@ class TrainOptions:
     parent_run_id: str | None = opt(None, "make this run a child of that MLflow run")
     run_name: str | None = opt(None, "MLflow run name")
     resume: bool = opt(False, "continue the stopped run in --out from its last checkpoint")
+    overwrite: bool = opt(False, "replace the training run already in --out (it is kept, moved aside, until the new run "
+                                 "ends well; a run that fails puts it back); anything else there is never touched")
     stop_after: int | None = opt(None, "stop after this many steps with a checkpoint (continue with --resume)")
     report_every: int | None = opt(None, "report to Ray (and Tune) every N steps (default: at evaluations, "
                                          "checkpoints and every ~2 s)")
@@ -229,6 +231,7 @@ class TrainOptions:
     def validate(self) -> None:
         """Raise ValueError for options that cannot work, before anything is loaded."""
         _choice("init", self.init, INITS)
+        check_overwrite(self.overwrite, self.resume, self.out, self.artifact)
         if self.artifact is not None and self.init != "lora-ga":
             raise ValueError(f"--artifact is a LoRA-GA init artifact; it does not apply to --init {self.init}. "
                              "Drop it or use --init lora-ga.")
@@ -298,6 +301,23 @@ class TrainOptions:
         )
 
 
+def check_overwrite(overwrite: bool, resume: bool, out: str | None, artifact: str | None = None) -> None:
+    """--overwrite replaces the output in --out; it cannot also continue it, nor read an artifact
+    that lives inside the folder it moves aside."""
+    if not overwrite:
+        return
+    if resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in --out, "
+                         "--overwrite replaces it. Pass one of them.")
+    if artifact and out:
+        from pathlib import Path
+
+        a, o = Path(artifact).expanduser().resolve(), Path(out).expanduser().resolve()
+        if a == o or o in a.parents:
+            raise ValueError(f"--artifact {artifact} lies inside --out {out}, which --overwrite replaces: copy the "
+                             "artifact elsewhere first, or train into another --out.")
+
+
 # ---------------------------------------------------------------------------------------------
 # tune
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +339,12 @@ class SearchOptions:
     reduction_factor: int = opt(2, "ASHA: keep 1/factor of the trials at each rung")
     name: str = opt("search", "name of the Tune experiment (its folder under --out)")
     resume: bool = opt(False, "continue the interrupted search in --out (its saved options are used)")
+    overwrite: bool = opt(False, "replace the search already in --out (kept, moved aside, until the new search ends "
+                                 "well; one that fails puts it back)")
     trial_cpus: float = opt(0.1, "logical CPUs the Tune trial function itself reserves")
 
     def validate(self, base: TrainOptions) -> None:
+        check_overwrite(self.overwrite, self.resume, base.out, base.artifact)
         for name in ("num_samples", "max_concurrent", "reduction_factor"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

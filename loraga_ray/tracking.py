@@ -38,6 +38,26 @@ def default_tracking_uri(out: str | os.PathLike) -> str:
     return "sqlite:///" + str(Path(out).expanduser().resolve() / "mlflow.db")  # sqlite:////abs/path: 4 slashes
 
 
+def forget_open_stores(folder: str | os.PathLike) -> None:
+    """Drop the MLflow stores and database engines this process keeps open for SQLite files under
+    ``folder`` (MLflow caches them per URI). Needed when such a file was moved away under the same
+    path (``--overwrite`` moves the old run, its mlflow.db included, aside): a cached engine would
+    still write to the moved file."""
+    folder = Path(folder).resolve()
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        engines = SqlAlchemyStore._engine_map
+        for uri in list(engines):
+            path = _sqlite_path(uri)
+            if path is not None and (path == folder or folder in path.parents):
+                engines.pop(uri).dispose()
+        _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    except Exception:  # another MLflow version: nothing cached this way
+        pass
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None

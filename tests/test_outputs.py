@@ -537,3 +537,101 @@ def test_tune_resume_refuses_a_folder_it_did_not_create(tmp_path):
     write_marker(out, "search", search_id="5678")
     with pytest.raises(SearchError, match="do not carry the same search id"):
         search(None, SearchOptions(resume=True), out=out)
+
+
+# ------------------------------------------------------------------------------------------------
+# --overwrite of a training run or a search: the old one waits aside until the new one ends well
+# ------------------------------------------------------------------------------------------------
+
+
+def old_run(tmp_path, kind: str = "training run") -> Path:
+    out = tmp_path / "run"
+    out.mkdir()
+    files.write_marker(out, kind)
+    (out / "metrics.json").write_text('{"final": "old"}')
+    (out / "ray").mkdir()
+    (out / "ray" / "checkpoint").write_text("old checkpoint")
+    return out
+
+
+def complete(out: Path) -> bool:
+    return (out / "metrics.json").is_file()
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_ends_well(tmp_path):
+    out = old_run(tmp_path)
+    with files.replacing(out, "training run", complete, overwrite=True):
+        assert not (out / "metrics.json").exists()  # the new run starts in an empty folder...
+        (aside,) = files._replaced(out)  # ...while the old one waits beside it, whole
+        assert snapshot(aside)["metrics.json"] == b'{"final": "old"}'
+        out.mkdir()
+        files.write_marker(out, "training run")
+        (out / "metrics.json").write_text('{"final": "new"}')
+    assert (out / "metrics.json").read_text() == '{"final": "new"}'
+    assert files._replaced(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_failed_overwrite_puts_the_old_run_back(tmp_path):
+    out = old_run(tmp_path)
+    before = snapshot(out)
+    with pytest.raises(RuntimeError, match="diverged"):
+        with files.replacing(out, "training run", complete, overwrite=True):
+            out.mkdir()
+            (out / "half-written").write_text("x")
+            raise RuntimeError("diverged")
+    assert snapshot(out) == before and files._replaced(out) == []
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_killed_overwrite_is_sorted_out_by_the_next_run(tmp_path, finished):
+    """SIGKILL (os._exit) inside the replacement, in a process of its own: the next run on the
+    folder brings the old run back, or, if the new one had completed, drops the old one."""
+    out = old_run(tmp_path)
+    before = snapshot(out)
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from loraga_ray.core import files\n"
+        f"out = Path({str(out)!r})\n"
+        "with files.replacing(out, 'training run', lambda o: (o / 'metrics.json').is_file(), overwrite=True):\n"
+        "    out.mkdir()\n"
+        "    files.write_marker(out, 'training run')\n"
+        "    (out / 'ray').mkdir()\n"
+        + ("    (out / 'metrics.json').write_text('new')\n" if finished else "") +
+        "    os._exit(9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert len(files._replaced(out)) == 1  # both are on disk
+    files.recover_replaced(out, "training run", complete)
+    assert files._replaced(out) == []
+    if finished:
+        assert (out / "metrics.json").read_text() == "new"
+    else:
+        assert snapshot(out) == before
+
+
+def test_overwrite_never_touches_a_users_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="files loraga-ray did not write.*nothing in it was touched"):
+        with files.replacing(out, "training run", complete, overwrite=True):
+            raise AssertionError("must not run")
+    assert snapshot(out) == {"notes.txt": b"mine"}
+
+
+def test_overwrite_with_resume_or_an_artifact_inside_out_is_refused(tmp_path):
+    from loraga_ray.options import SearchOptions, TrainOptions
+
+    with pytest.raises(ValueError, match="--overwrite and --resume contradict"):
+        TrainOptions(model="m", data="d", out=str(tmp_path), overwrite=True, resume=True).validate()
+    with pytest.raises(ValueError, match="lies inside --out .* which --overwrite replaces"):
+        TrainOptions(model="m", data="d", out=str(tmp_path), overwrite=True,
+                     artifact=str(tmp_path / "init_artifact")).validate()
+    with pytest.raises(ValueError, match="--overwrite and --resume contradict"):
+        SearchOptions(space="s.yaml", overwrite=True, resume=True).validate(TrainOptions(model="m", data="d", out="o"))

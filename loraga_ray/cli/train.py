@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     add_option(p, TrainOptions, "out", required=True)
     g = add_train_groups(p, suppress_default=True)
     add_options(g, TrainOptions, ("parent_run_id", "run_name", "report_every", "checkpoint_every", "resume",
-                                  "stop_after"), suppress_default=True)
+                                  "overwrite", "stop_after"), suppress_default=True)
 
 
 def options_from_args(args) -> TrainOptions:
@@ -54,7 +54,7 @@ def options_from_args(args) -> TrainOptions:
         saved = saved_options(Path(args.out).expanduser())
         if saved is None:
             raise ValueError(f"--resume: {args.out} holds no training run to continue (no train_options.json).")
-        for k in ("resume", "stop_after", "address"):
+        for k in ("resume", "overwrite", "stop_after", "address"):
             saved.pop(k, None)  # not part of the saved run: taken from this command line
         return from_dict(TrainOptions, dict(saved, **given, resume=True))
     missing = [f"--{k}" for k in ("model", "data") if k not in given]

@@ -10,7 +10,7 @@ from .train import add_train_groups
 
 HELP = "search rank / alpha / gamma / lr on Ray Tune from one shared gradient estimate"
 
-SEARCH = ("space", "num_samples", "max_concurrent", "grace_period", "reduction_factor", "name", "resume")
+SEARCH = ("space", "num_samples", "max_concurrent", "grace_period", "reduction_factor", "name", "resume", "overwrite")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

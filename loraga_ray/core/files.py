@@ -220,3 +220,57 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     tmp.write_text(json.dumps(redact_obj(obj), indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite of outputs that are built in place over a long run (a training run, a search)
+# ---------------------------------------------------------------------------------------------
+
+REPLACED = ".replaced-"  # ``.<name>.replaced-<id>``: our old output, moved aside while its replacement runs
+
+
+def _replaced(dest: Path) -> list[Path]:
+    return sorted(dest.parent.glob(f".{dest.name}{REPLACED}*"))
+
+
+def recover_replaced(dest: str | os.PathLike, kind: str, complete) -> None:
+    """After a replacement that was killed: when ``dest`` holds a complete new output
+    (``complete(dest)``) the old one moved aside is removed; otherwise the half-made new one
+    (ours: refused if it is not) is removed and the old one comes back. Call with the lock held."""
+    dest = Path(dest)
+    for aside in _replaced(dest):
+        if dest.exists() and complete(dest):
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        if dest.exists():
+            if any(dest.iterdir()) and output_kind(dest) != kind:
+                raise OutputError(f"{dest} holds files loraga-ray did not write, and the {kind} it replaced waits at "
+                                  f"{aside}; nothing was touched. Move one of them away yourself.")
+            shutil.rmtree(dest)
+        aside.rename(dest)
+
+
+@contextlib.contextmanager
+def replacing(dest: str | os.PathLike, kind: str, complete, overwrite: bool) -> Iterator[None]:
+    """The body makes a new ``kind`` in place at ``dest``. With ``overwrite`` and our own old
+    ``kind`` there, the old one is first moved aside (one rename) and stays there until the body
+    returns; if the body fails, Ctrl+C included, the half-made new one is removed and the old one
+    put back, and a killed process leaves both for :func:`recover_replaced` to sort out on the
+    next run. So at every moment the old or a complete new output exists. Without ``overwrite``
+    it only recovers. Call with the output's lock held."""
+    dest = Path(dest)
+    recover_replaced(dest, kind, complete)
+    if not (overwrite and dest.is_dir() and any(dest.iterdir())):
+        yield
+        return
+    check_destination(dest, kind, overwrite=True)  # refuses, touching nothing, what is not ours
+    aside = dest.parent / f".{dest.name}{REPLACED}{uuid.uuid4().hex[:12]}"
+    dest.rename(aside)
+    try:
+        yield
+    except BaseException:
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        aside.rename(dest)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

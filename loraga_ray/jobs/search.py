@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.artifact import InitArtifact
-from ..core.files import output_lock, read_marker, write_json
+from ..core.files import output_lock, read_marker, replacing, write_json
 from ..redact import redact_obj, restore
 from ..options import SearchError, SearchOptions, TrainOptions, from_dict
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
@@ -265,7 +265,7 @@ def _new_or_resumed(base: TrainOptions | None, sopts: SearchOptions, out: Path):
             if saved.get(old) is not None and old in saved:
                 base = dataclasses.replace(base, **{new: saved[old]})
         space = parse_space(state["space"], source=state.get("space_file") or str(out / SEARCH_FILE))
-        keep = {f.name for f in dataclasses.fields(SearchOptions)} - {"resume"}
+        keep = {f.name for f in dataclasses.fields(SearchOptions)} - {"resume", "overwrite"}
         sopts = dataclasses.replace(sopts, **{k: v for k, v in saved.items() if k in keep}, resume=True)
         return base, sopts, space, state
     if (out / SEARCH_FILE).exists():
@@ -353,7 +353,18 @@ def search(base: TrainOptions | None, sopts: SearchOptions, *, out: str | os.Pat
         out = base.out
     out = Path(out).expanduser().resolve()
     with output_lock(out):  # one search per folder: a second one fails at once, naming this one
-        return _search(base, sopts, out, callbacks)
+        # --overwrite: the old search waits aside until this one ends well (or comes back)
+        with replacing(out, "search", search_complete, sopts.overwrite):
+            if sopts.overwrite:
+                from .. import tracking
+
+                tracking.forget_open_stores(out)  # the old search's mlflow.db was moved aside
+            return _search(base, sopts, out, callbacks)
+
+
+def search_complete(out: Path) -> bool:
+    """A search that ended: its best trial's record is written last."""
+    return (Path(out) / "best.json").is_file()
 
 
 def _search(base: TrainOptions | None, sopts: SearchOptions, out: Path, callbacks: Sequence) -> SearchResult:

@@ -29,12 +29,13 @@ from pathlib import Path
 
 from .. import tracking
 from ..core.artifact import InitArtifact
-from ..core.files import output_lock, write_json
+from ..core.files import output_lock, replacing, write_json
 from ..redact import redact, restore
 from ..options import TrainOptions
 from .resources import WorkerResources, plan_workers
 from .run_folder import (
     INIT_ARTIFACT_DIR,
+    METRICS_FILE,
     OPTIONS_FILE,
     RAY_DIR,
     RAY_RUN_NAME,
@@ -194,7 +195,16 @@ def fit(opts: TrainOptions) -> dict:
     opts.validate()
     out = Path(opts.out).expanduser().resolve()
     with output_lock(out):  # one run per folder: a second one fails at once, naming this one
-        return _fit(dataclasses.replace(opts, out=str(out)), out)
+        # --overwrite: the old run waits aside until this one ends well (or comes back)
+        with replacing(out, "training run", run_complete, opts.overwrite):
+            if opts.overwrite:
+                tracking.forget_open_stores(out)  # the old run's mlflow.db was moved aside
+            return _fit(dataclasses.replace(opts, out=str(out)), out)
+
+
+def run_complete(out: Path) -> bool:
+    """A run that ended (finished, or stopped as asked): its metrics are written last."""
+    return (Path(out) / METRICS_FILE).is_file()
 
 
 def _fit(opts: TrainOptions, out: Path) -> dict:
