@@ -46,7 +46,7 @@ from .gradient_worker import (
     start_workers,
 )
 from .init_data import data_context, is_uri, path_for_tasks, read_sample, token_shards, token_streams
-from .init_strategy import Decision, decide
+from .init_strategy import Decision, decide, model_plan
 from .resources import WorkerResources, plan_workers
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
     plan = plan_workers("gradient workers", opts.workers, gpus_per_worker=opts.gpus_per_worker,
                         cpus_per_worker=opts.cpus_per_worker, address=opts.address,
                         resource_timeout=opts.resource_timeout)
-    grads = _gradient_stage(opts, plan, sample, task, num_labels, times)
+    shape = model_plan(opts, task, num_labels)  # a quantised base, or sharded without blocks: refused here
+    grads = _gradient_stage(opts, plan, sample, task, num_labels, times, shape)
     artifact = InitArtifact(factors=grads.factors, meta=_meta(opts, task, num_labels, info, grads, times))
     t3 = time.perf_counter()
     out = None
@@ -160,7 +161,7 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
 
 
 def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str, num_labels: int,
-                    times: dict) -> _Gradients:
+                    times: dict, shape=None) -> _Gradients:
     """Start the workers, stream the sample through them, reduce and factorise; a worker lost on
     the way makes the whole stage run again on fresh workers (``max_retries`` times)."""
     import ray
@@ -179,7 +180,7 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
 
     def choose(probes):
         if not decided:
-            decided.append(decide(opts, task, num_labels, probes))
+            decided.append(decide(opts, task, num_labels, probes, shape))
             d = decided[0]
             log.info("init strategy %s (%s; %s per worker of %s by the planner)%s", d.strategy, d.reason,
                      fmt_bytes(d.per_worker_bytes or 0), fmt_bytes(d.memory_bytes or 0),

@@ -41,19 +41,31 @@ def worker_memory(probes: list[dict]) -> int:
     return min(p["device_bytes"] if p["cuda"] else p["device_bytes"] // per_node[p["node"]] for p in probes)
 
 
-def decide(opts: InitOptions, task: str, num_labels: int, probes: list[dict]) -> Decision:
-    """The strategy and micro-batch of this run; raises PlanError / ShardingError when the asked
-    strategy cannot run."""
+def model_plan(opts: InitOptions, task: str, num_labels: int):
+    """The model's counts for the planner, from its config alone, checked on the driver before any
+    worker starts: a quantised base is refused, and so is ``--init-strategy sharded`` on a model
+    without repeated blocks. None when there are no blocks (replicated is the only way then)."""
     from ..core.sharded import ShardingError
-    from ..planner import fmt_bytes, init_rows, model_shape
+    from ..planner import model_shape
+
+    try:
+        return model_shape(opts.model, task, opts.target_modules, num_labels)
+    except ShardingError:
+        if opts.init_strategy == "sharded":
+            raise
+        return None
+
+
+def decide(opts: InitOptions, task: str, num_labels: int, probes: list[dict], shape=None) -> Decision:
+    """The strategy and micro-batch of this run, from the model's counts (``model_plan``) and the
+    workers' memory; raises PlanError when the asked strategy cannot fit."""
+    from ..planner import fmt_bytes, init_rows
 
     asked = opts.init_strategy
     memory = worker_memory(probes)
-    try:
-        shape = model_shape(opts.model, task, opts.target_modules, num_labels)
-    except ShardingError:
-        if asked == "sharded":
-            raise
+    if shape is None:
+        shape = model_plan(opts, task, num_labels)
+    if shape is None:
         return Decision("replicated", opts.batch_size, memory_bytes=memory, reason="no repeated blocks to shard")
     rows = {r.strategy: r for r in init_rows(shape, opts.workers, memory, opts.dtype, opts.batch_size, opts.max_length)}
     if opts.workers == 1 and asked == "auto":
