@@ -311,6 +311,8 @@ def load_model(
         pad_token_id = load_tokenizer(spec).pad_token_id
 
     torch.manual_seed(seed)
+    if spec.gguf_file is None:  # this node's copy of the files (a worker's may differ from the driver's)
+        check_weights(Path(spec.path), allow_pickle=spec.allow_pickle_weights)
     try:
         if spec.task == "seq-cls":
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -462,3 +462,34 @@ def test_lost_objects_are_retried_like_lost_workers(ray_session, assets, ref24, 
     art, summary = run_init(options(assets, workers=1, gpus_per_worker=0, out=str(tmp_path / "init")))
     assert len(calls) == 2 and summary["retries"] == 1
     assert_same(art, ref)
+
+
+def broken_copy_seen_whole_by_the_driver(model_dir: str, tmp_path, monkeypatch) -> Path:
+    """A copy of the model whose weights file is truncated, with the driver's own weight check
+    switched off in this process: as if the driver's node had a good copy and a worker's node
+    a damaged one. Returns the copy's folder."""
+    import shutil
+
+    import loraga_ray.models as models
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    monkeypatch.setattr(models, "check_weights", lambda folder, allow_pickle=False: None)
+    return broken
+
+
+def test_model_broken_only_on_a_worker_node(ray_session, assets, tmp_path, monkeypatch):
+    """The driver sees good weights, the gradient workers a truncated file: a clear error naming
+    the file (raised in the worker, given back as itself), no artifact, and the CLI's one line."""
+    from loraga_ray.jobs.cluster import error_message
+    from loraga_ray.models import ModelLoadError
+
+    broken = broken_copy_seen_whole_by_the_driver(assets["model"], tmp_path, monkeypatch)
+    out = tmp_path / "init"
+    with pytest.raises(ModelLoadError, match=r"broken-model/model.safetensors is damaged or truncated") as info:
+        run_init(options(assets, model=str(broken), workers=2, gpus_per_worker=0, out=str(out)))
+    assert not out.exists()
+    line = error_message(info.value)
+    assert "model.safetensors is damaged or truncated" in line and "Traceback" not in line

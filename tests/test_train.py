@@ -695,3 +695,34 @@ def test_step_watchdog_ends_a_process_that_stops_making_steps():
     assert "still alive after 8 steps" in proc.stdout
     assert "worker rank 3 finished no step for 1s after step 8 (--stall-timeout)" in proc.stdout
     assert elapsed < 2 + 1 + 15  # the steps, the timeout, and the interpreter's start-up
+
+
+def test_model_broken_only_on_a_train_worker_node(ray_session, assets, tmp_path, monkeypatch):
+    """The driver sees good weights, the Train worker a truncated file: the run fails with the
+    worker's clear error naming the file; nothing is exported."""
+    from test_distributed import broken_copy_seen_whole_by_the_driver
+
+    broken = broken_copy_seen_whole_by_the_driver(str(assets / "bert"), tmp_path, monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"training failed: .*broken-model/model.safetensors is damaged or truncated"):
+        fit(_opts(assets, out, model=str(broken), init="lora", workers=1, max_steps=4, eval_every=4))
+    assert not (out / "adapter").exists()
+
+
+def test_overwrite_of_a_run_that_then_fails_puts_the_old_run_back(ray_session, assets, tmp_path):
+    """train --overwrite over a finished run, the new run failing once it has started in the
+    folder (a rank the layers cannot hold): the old run is back as it was, byte for byte; then an
+    --overwrite that succeeds replaces it (its MLflow store is the new run's own)."""
+    import json
+
+    out = tmp_path / "run"
+    fit(_opts(assets, out, init="lora", workers=1, max_steps=4, eval_every=4))
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(ValueError, match="rank"):
+        fit(_opts(assets, out, init="lora", workers=1, max_steps=4, eval_every=4, rank=100, overwrite=True))
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if ".replaced-" in p.name] == []
+    new = fit(_opts(assets, out, init="lora", workers=1, max_steps=2, eval_every=2, overwrite=True))
+    assert json.loads((out / "metrics.json").read_text())["run"]["steps"] == 2 and new["step"] == 2
+    assert [p.name for p in tmp_path.iterdir() if ".replaced-" in p.name] == []
