@@ -104,6 +104,18 @@ def test_sharded_svd_exact_mode_is_the_exact_svd():
     assert float((recon - G).norm() / G.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("rows", [[1, 1, 30, 30], [3, 3, 56, 0]])
+def test_sharded_svd_of_a_rank_deficient_matrix_keeps_u_orthonormal(rows):
+    """G of rank 1 on shards smaller than the sketch: the singular vectors beyond the rank still
+    come out orthonormal (as torch.linalg.svd's do; LoRA-GA's B0 uses U[:, r:2r]), not zero."""
+    G = torch.zeros(62, 20, dtype=torch.float64)
+    G[5] = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    U, S, V, _ = run_sharded_svd(G, rows, 3, exact=True)
+    torch.testing.assert_close(U.double().T @ U.double(), torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(V.double().T @ V.double(), torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(S.double()[0], G[5].norm(), rtol=1e-6, atol=0)
+
+
 def test_a_model_without_repeated_blocks_cannot_be_sharded():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     assert repeated_blocks(mlp) == []

@@ -113,7 +113,8 @@ class ShardedAccumulator:
                 loss = out.logits.float().sum() * 0.0
             loss.backward()
             for n, w in self.weights.items():
-                self.sums[n].add_(local_tensor(w.grad), alpha=total)
+                if w.grad is not None:  # (a layer no forward reaches adds nothing, as in the replicated path)
+                    self.sums[n].add_(local_tensor(w.grad), alpha=total)
                 w.grad = None
         self.steps += 1
         self.seconds += time.perf_counter() - t0

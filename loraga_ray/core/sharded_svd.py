@@ -37,6 +37,15 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def _broadcast(t: torch.Tensor, group) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank: a factorisation computed everywhere from the same input is
+    not bitwise the same on different hardware or BLAS builds, so one rank's result is used."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        t = t.contiguous()
+        dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return t
+
+
 def tsqr(Y: torch.Tensor, group=None) -> torch.Tensor:
     """This rank's rows of an orthonormal basis of the row-sharded Y (float64, m_i x q)."""
     rank, world = _world(group)
@@ -48,12 +57,20 @@ def tsqr(Y: torch.Tensor, group=None) -> torch.Tensor:
         Q_local, R = Y.new_zeros(0, 0), Y.new_zeros(0, q)
     if world == 1:
         return Q_local  # q <= m here, so Q_local is m x q
+    # all-gather the R factors (padded to q x q for the collective), then stack only their real
+    # rows: zero rows would let a rank-deficient stack put basis columns on rows no rank owns
     padded = Y.new_zeros(q, q)
     padded[: R.shape[0]] = R
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    Q2, _ = torch.linalg.qr(torch.cat(gathered))  # (world*q) x q, the same on every rank
-    return Q_local @ Q2[rank * q : rank * q + R.shape[0]]
+    sizes = torch.tensor([R.shape[0]], dtype=torch.int64, device=Y.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    rows = [int(s.item()) for s in all_sizes]
+    stacked = torch.cat([g[:r] for g, r in zip(gathered, rows)])  # (sum of min(m_j, q)) >= q rows
+    Q2 = _broadcast(torch.linalg.qr(stacked)[0], group)
+    start = sum(rows[:rank])
+    return Q_local @ Q2[start : start + R.shape[0]]
 
 
 def sharded_svd(
@@ -85,9 +102,10 @@ def sharded_svd(
     Q = tsqr(Gd @ omega, group)
     for _ in range(niter):
         Z = _all_reduce(Gd.T @ Q.to(dtype), group)  # n x q
-        Z = torch.linalg.qr(Z.double())[0].to(dtype)
+        Z = _broadcast(torch.linalg.qr(Z.double())[0], group).to(dtype)
         Q = tsqr(Gd @ Z, group)
     Bt = _all_reduce((Gd.T @ Q.to(dtype)).double(), group)  # n x q = (Qᵀ G)ᵀ
     V, S, Ubt = torch.linalg.svd(Bt, full_matrices=False)  # Bt = V S Ubᵀ, so B = Ub S Vᵀ
-    U = Q @ Ubt.T[:, :k]
-    return U.float().contiguous(), S[:k].float().contiguous(), V[:, :k].float().contiguous()
+    V, S, Ubt = (_broadcast(t, group) for t in (V[:, :k], S[:k], Ubt[:k]))
+    U = Q @ Ubt.T
+    return U.float().contiguous(), S.float().contiguous(), V.float().contiguous()
