@@ -208,6 +208,13 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
             memory = ray.get([w.memory.remote() for w in workers])
             examples, targets = (int(sum(r[k] for r in results)) for k in ("examples", "targets"))
             if d.strategy == "sharded":
+                if targets == 0:  # (the replicated path says so in factorize)
+                    from ..core.gradients import GradientError
+
+                    raise GradientError(
+                        f"the sample of {examples} examples holds zero supervised targets (every label is -100). "
+                        "Check the labels: causal-LM response tokens must carry their ids, and max_length must "
+                        "leave room for them.")
                 factors, red = sharded_factorize(workers, infos[0], targets, opts)
             else:
                 factors, red = reduce_and_factorize(workers, infos[0]["names"], examples, targets, opts)

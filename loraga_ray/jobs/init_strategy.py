@@ -74,7 +74,18 @@ def decide(opts: InitOptions, task: str, num_labels: int, probes: list[dict], sh
         row = next((r for r in rows.values() if r.fits), None)
     else:
         row = rows[asked]
-    if row is None or not row.fits:
+    cuda = all(p["cuda"] for p in probes)
+    if row is not None and not row.fits and not cuda:
+        # CPU workers: the node's RAM is shared with everything else and the planner's figures are
+        # GPU arithmetic; the run may still fit, so it goes ahead with a warning
+        log.warning("the planner puts --init-strategy %s at %s per worker, more than the %s each CPU worker may use; "
+                    "going ahead (CPU memory is not a hard limit the planner knows)", row.strategy,
+                    fmt_bytes(row.per_worker_bytes), fmt_bytes(memory))
+    elif row is None and not cuda:
+        row = rows["replicated"]
+        log.warning("the planner finds no strategy that fits %s per CPU worker; going ahead replicated",
+                    fmt_bytes(memory))
+    elif row is None or not row.fits:
         options = ", ".join(f"{r.strategy} {fmt_bytes(r.per_worker_bytes)}" for r in rows.values())
         raise PlanError(
             f"init of {opts.model} on {opts.workers} worker(s) of {fmt_bytes(memory)} fits under "
