@@ -635,3 +635,31 @@ def test_overwrite_with_resume_or_an_artifact_inside_out_is_refused(tmp_path):
                      artifact=str(tmp_path / "init_artifact")).validate()
     with pytest.raises(ValueError, match="--overwrite and --resume contradict"):
         SearchOptions(space="s.yaml", overwrite=True, resume=True).validate(TrainOptions(model="m", data="d", out="o"))
+
+
+def test_resume_after_a_killed_overwrite_continues_the_new_run(tmp_path):
+    """A --overwrite run killed mid-way, then --resume: the half-made new run is what is resumed
+    (kept, not swapped back); the old one waits aside until the resumed run completes."""
+    out = old_run(tmp_path)
+    aside = tmp_path / f".run{files.REPLACED}killed"
+    out.rename(aside)  # what a killed --overwrite leaves: the old run aside, the new one half-made
+    out.mkdir()
+    files.write_marker(out, "training run")
+    (out / "ray").mkdir()
+    (out / "ray" / "checkpoint").write_text("new checkpoint")
+    with files.replacing(out, "training run", complete, overwrite=False, resume=True):
+        assert (out / "ray" / "checkpoint").read_text() == "new checkpoint" and aside.exists()
+        (out / "metrics.json").write_text('{"final": "resumed"}')
+    assert (out / "metrics.json").read_text() == '{"final": "resumed"}' and not aside.exists()
+
+
+def test_overwrite_needs_our_marker_not_just_familiar_file_names(tmp_path):
+    """A folder that merely holds a run.json (a common name) is not taken for ours."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "train_options.json").write_text("{}")
+    with pytest.raises(OutputError, match="no .loraga-ray.json.*leaves it alone"):
+        with files.replacing(out, "training run", complete, overwrite=True):
+            raise AssertionError("must not run")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "train_options.json"]

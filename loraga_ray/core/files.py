@@ -233,44 +233,66 @@ def _replaced(dest: Path) -> list[Path]:
     return sorted(dest.parent.glob(f".{dest.name}{REPLACED}*"))
 
 
-def recover_replaced(dest: str | os.PathLike, kind: str, complete) -> None:
+def recover_replaced(dest: str | os.PathLike, kind: str, complete, resume: bool = False) -> None:
     """After a replacement that was killed: when ``dest`` holds a complete new output
     (``complete(dest)``) the old one moved aside is removed; otherwise the half-made new one
-    (ours: refused if it is not) is removed and the old one comes back. Call with the lock held."""
+    (ours: refused if it is not) is removed and the old one comes back. With ``resume`` the
+    half-made new one is what the user continues: both stay (the old one until the resumed run
+    completes). Call with the lock held."""
     dest = Path(dest)
     for aside in _replaced(dest):
         if dest.exists() and complete(dest):
             shutil.rmtree(aside, ignore_errors=True)
             continue
+        if resume and (dest / MARKER).is_file():
+            continue
         if dest.exists():
-            if any(dest.iterdir()) and output_kind(dest) != kind:
+            if any(dest.iterdir()) and not (dest / MARKER).is_file():
                 raise OutputError(f"{dest} holds files loraga-ray did not write, and the {kind} it replaced waits at "
                                   f"{aside}; nothing was touched. Move one of them away yourself.")
-            shutil.rmtree(dest)
-        aside.rename(dest)
+            _put_back(aside, dest)
+        else:
+            aside.rename(dest)
+
+
+def _put_back(aside: Path, dest: Path) -> None:
+    """The old output back at ``dest``, the half-made new one out of the way first (a rename,
+    so files still held open there cannot block the restore), then removed."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    trash.rmdir()
+    dest.rename(trash)
+    aside.rename(dest)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def replacing(dest: str | os.PathLike, kind: str, complete, overwrite: bool) -> Iterator[None]:
+def replacing(dest: str | os.PathLike, kind: str, complete, overwrite: bool, resume: bool = False) -> Iterator[None]:
     """The body makes a new ``kind`` in place at ``dest``. With ``overwrite`` and our own old
-    ``kind`` there, the old one is first moved aside (one rename) and stays there until the body
-    returns; if the body fails, Ctrl+C included, the half-made new one is removed and the old one
-    put back, and a killed process leaves both for :func:`recover_replaced` to sort out on the
-    next run. So at every moment the old or a complete new output exists. Without ``overwrite``
-    it only recovers. Call with the output's lock held."""
+    ``kind`` there (with our marker: nothing else is ever moved), the old one is first moved aside
+    (one rename) and stays there until the body returns; if the body fails, Ctrl+C included, the
+    half-made new one is removed and the old one put back, and a killed process leaves both for
+    :func:`recover_replaced` to sort out on the next run (``resume``: continue the half-made one).
+    So at every moment the old or a complete new output exists. Without ``overwrite`` it only
+    recovers. Call with the output's lock held."""
     dest = Path(dest)
-    recover_replaced(dest, kind, complete)
+    recover_replaced(dest, kind, complete, resume)
     if not (overwrite and dest.is_dir() and any(dest.iterdir())):
         yield
+        if _replaced(dest) and complete(dest):  # a resumed replacement that has now completed
+            recover_replaced(dest, kind, complete)
         return
     check_destination(dest, kind, overwrite=True)  # refuses, touching nothing, what is not ours
+    if not (dest / MARKER).is_file():
+        raise OutputError(f"{dest} has no {MARKER}: it was not written by this version of loraga-ray, so --overwrite "
+                          "leaves it alone. Move it away yourself, or choose another --out.")
     aside = dest.parent / f".{dest.name}{REPLACED}{uuid.uuid4().hex[:12]}"
     dest.rename(aside)
     try:
         yield
     except BaseException:
         if dest.exists():
-            shutil.rmtree(dest, ignore_errors=True)
-        aside.rename(dest)
+            _put_back(aside, dest)
+        else:
+            aside.rename(dest)
         raise
     shutil.rmtree(aside, ignore_errors=True)

@@ -354,12 +354,19 @@ def search(base: TrainOptions | None, sopts: SearchOptions, *, out: str | os.Pat
     out = Path(out).expanduser().resolve()
     with output_lock(out):  # one search per folder: a second one fails at once, naming this one
         # --overwrite: the old search waits aside until this one ends well (or comes back)
-        with replacing(out, "search", search_complete, sopts.overwrite):
-            if sopts.overwrite:
-                from .. import tracking
+        from .. import tracking
 
-                tracking.forget_open_stores(out)  # the old search's mlflow.db was moved aside
-            return _search(base, sopts, out, callbacks)
+        try:
+            with replacing(out, "search", search_complete, sopts.overwrite, resume=sopts.resume):
+                if sopts.overwrite:
+                    tracking.forget_open_stores(out)  # the old search's mlflow.db was moved aside
+                result = _search(base, sopts, out, callbacks)
+                if sopts.overwrite and getattr(result, "interrupted", False):
+                    raise KeyboardInterrupt(f"the search was interrupted; the search it was replacing is back in {out}")
+                return result
+        finally:
+            if sopts.overwrite:
+                tracking.forget_open_stores(out)
 
 
 def search_complete(out: Path) -> bool:

@@ -196,10 +196,14 @@ def fit(opts: TrainOptions) -> dict:
     out = Path(opts.out).expanduser().resolve()
     with output_lock(out):  # one run per folder: a second one fails at once, naming this one
         # --overwrite: the old run waits aside until this one ends well (or comes back)
-        with replacing(out, "training run", run_complete, opts.overwrite):
+        try:
+            with replacing(out, "training run", run_complete, opts.overwrite, resume=opts.resume):
+                if opts.overwrite:
+                    tracking.forget_open_stores(out)  # the old run's mlflow.db was moved aside
+                return _fit(dataclasses.replace(opts, out=str(out)), out)
+        finally:
             if opts.overwrite:
-                tracking.forget_open_stores(out)  # the old run's mlflow.db was moved aside
-            return _fit(dataclasses.replace(opts, out=str(out)), out)
+                tracking.forget_open_stores(out)  # (or put back)
 
 
 def run_complete(out: Path) -> bool:
