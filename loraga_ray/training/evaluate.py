@@ -93,9 +93,10 @@ def exact_matches(module, batch: dict, responses, tokenizer, device, autocast) -
     return sum(int(t.strip() == str(r).strip()) for t, r in zip(texts, responses))
 
 
-def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world: int) -> dict:
+def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world: int, on_batch=None) -> dict:
     """Loss over all eval targets (token-weighted for causal-lm), plus accuracy (seq-cls) or exact
-    match (causal-lm); every worker evaluates its share, the sums are all-reduced."""
+    match (causal-lm); every worker evaluates its share, the sums are all-reduced. ``on_batch`` is
+    called after each batch (the step watchdog: an evaluation that progresses is not stuck)."""
     from ..data import supervised_count
 
     module = unwrap_ddp(model)
@@ -117,6 +118,8 @@ def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world
             else:
                 sums[2] += exact_matches(module, cpu_batch, responses, tokenizer, device, autocast)
                 sums[3] += len(responses)
+            if on_batch is not None:
+                on_batch()
     if world > 1:
         import torch.distributed as dist
 

@@ -85,6 +85,16 @@ class StepWatchdog:
             self.step = step
         self.deadline = time.monotonic() + self.timeout
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No deadline inside (a checkpoint: rank 0 writes and uploads it while the other ranks wait
+        for it in Ray Train's report, for as long as the storage takes); the clock restarts after."""
+        self.deadline = float("inf")
+        try:
+            yield
+        finally:
+            self.beat()
+
     def close(self) -> None:
         self._stop.set()
 
@@ -132,6 +142,7 @@ class WorkerRun:
         self.last_report = self.t_start = time.perf_counter()
         self.last_reported_step = 0
         self.report_interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
+        self.on_progress = None  # called for progress other than a finished step (the watchdog's beat)
 
     def resume(self) -> None:
         """Continue from Ray Train's latest checkpoint, if there is one."""
@@ -158,6 +169,8 @@ class WorkerRun:
             if step > self.total:
                 return
             if step <= self.start_step:
+                if self.on_progress is not None:
+                    self.on_progress()  # skipping the steps a resumed run already did is progress too
                 continue
             if step == self.start_step + 1:
                 self.t_start = time.perf_counter()  # the rate counts training, not start-up
@@ -215,7 +228,8 @@ class WorkerRun:
                 if j % self.world == self.rank:
                     batch = collate(encoder(eraw), self.tokenizer.pad_token_id, self.task)
                     self.eval_batches.append((batch, list(eraw.get("response", []))))
-        return evaluate(self.model, self.eval_batches, self.task, self.device, self.autocast, self.tokenizer, self.world)
+        return evaluate(self.model, self.eval_batches, self.task, self.device, self.autocast, self.tokenizer, self.world,
+                        on_batch=self.on_progress)
 
     def print_progress(self, metrics: dict) -> None:
         step = metrics["step"]
@@ -264,6 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
     run = WorkerRun(config)
     run.resume()
     watchdog = StepWatchdog(run.opts.stall_timeout, run.rank)
+    run.on_progress = watchdog.beat
     try:
         _steps(run, watchdog)
     finally:
@@ -287,8 +302,8 @@ def _steps(run: WorkerRun, watchdog: StepWatchdog) -> None:
         run.print_progress(metrics)
         checkpoint_now = step % checkpoint_every == 0 or done or stopping
         if run.report_due(metrics, checkpoint_now):
-            run.report(metrics, checkpoint_now)
-            watchdog.beat()
+            with watchdog.paused():
+                run.report(metrics, checkpoint_now)
         if stopping:
             if run.rank == 0:
                 say(f"stopped after step {step} as asked; continue with --resume")
