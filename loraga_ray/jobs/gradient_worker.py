@@ -51,13 +51,12 @@ class GradientWorker:
     def probe(self) -> dict:
         """The node and the memory a worker there may use: its GPU's, or on CPU the node's RAM."""
         import ray
-        import psutil
         import torch
 
         cuda = torch.cuda.is_available()
         return {"node": ray.get_runtime_context().get_node_id(), "cuda": cuda,
                 "device_bytes": int(torch.cuda.get_device_properties(0).total_memory if cuda
-                                    else psutil.virtual_memory().total)}
+                                    else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))}
 
     def address(self) -> str:
         """A ``tcp://ip:port`` rendezvous on this worker's node (rank 0) for the process group."""
