@@ -24,6 +24,17 @@ def check_rank_fits(model: nn.Module, names: Sequence[str], max_rank: int) -> di
     return shapes
 
 
+def check_sample_counts(num_examples: int, num_targets: int) -> None:
+    """The gradient estimate needs examples, and supervised targets among them."""
+    if num_examples == 0:
+        raise GradientError("the sample is empty: no example reached the gradient estimate. Pass a non-empty dataset.")
+    if num_targets == 0:
+        raise GradientError(
+            f"the sample of {num_examples} examples holds zero supervised targets (every label is -100). "
+            "Check the labels: causal-LM response tokens must carry their ids, and max_length must leave room for them."
+        )
+
+
 def factorize(
     sums: GradientSums,
     *,
@@ -37,13 +48,7 @@ def factorize(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Mean gradient -> top-k SVD, one layer at a time. Each layer's gradient is released as soon
     as its factors exist, so peak memory stays near one layer on top of what is still pending."""
-    if sums.num_examples == 0:
-        raise GradientError("the sample is empty: no example reached the gradient estimate. Pass a non-empty dataset.")
-    if sums.num_targets == 0:
-        raise GradientError(
-            f"the sample of {sums.num_examples} examples holds zero supervised targets (every label is -100). "
-            "Check the labels: causal-LM response tokens must carry their ids, and max_length must leave room for them."
-        )
+    check_sample_counts(sums.num_examples, sums.num_targets)
     names = list(sums.sums)
     it = names
     if progress:

@@ -200,14 +200,17 @@ class GradientWorker:
         import torch
         import torch.distributed as dist
 
-        from ..core.gradients import check_finite
+        from ..core.gradients import GradientError, check_finite
         from ..core.sharded_svd import sharded_svd
 
         g = self.sharded.sums.pop(name).div_(num_targets)
-        bad = torch.tensor([float(not torch.isfinite(g).all())], device=g.device)
+        finite = bool(torch.isfinite(g).all())
+        bad = torch.tensor([float(not finite)], device=g.device)
         dist.all_reduce(bad)  # every rank stops together, or none does (a lone raise would hang the others)
         if bad.item():
-            check_finite(name, g if not torch.isfinite(g).all() else torch.tensor([float("nan")]))
+            check_finite(name, g)  # (raises on the ranks whose rows hold the NaN/Inf)
+            raise GradientError(f"the gradient of layer {name!r} has NaN/Inf entries in another worker's rows; "
+                                "see that worker's error for the count and the fix.")
         rows, S, other = sharded_svd(g, k, seed=seed, exact=exact)
         del g
         out = {"rows": rows.cpu().numpy(), "transposed": self.sharded.transposed[name]}

@@ -161,7 +161,7 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
 
 
 def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str, num_labels: int,
-                    times: dict, shape=None) -> _Gradients:
+                    times: dict, shape) -> _Gradients:
     """Start the workers, stream the sample through them, reduce and factorise; a worker lost on
     the way makes the whole stage run again on fresh workers (``max_retries`` times)."""
     import ray
@@ -208,13 +208,9 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
             memory = ray.get([w.memory.remote() for w in workers])
             examples, targets = (int(sum(r[k] for r in results)) for k in ("examples", "targets"))
             if d.strategy == "sharded":
-                if targets == 0:  # (the replicated path says so in factorize)
-                    from ..core.gradients import GradientError
+                from ..core.estimate import check_sample_counts
 
-                    raise GradientError(
-                        f"the sample of {examples} examples holds zero supervised targets (every label is -100). "
-                        "Check the labels: causal-LM response tokens must carry their ids, and max_length must "
-                        "leave room for them.")
+                check_sample_counts(examples, targets)  # (factorize checks the replicated path's)
                 factors, red = sharded_factorize(workers, infos[0], targets, opts)
             else:
                 factors, red = reduce_and_factorize(workers, infos[0]["names"], examples, targets, opts)

@@ -56,14 +56,18 @@ def model_plan(opts: InitOptions, task: str, num_labels: int):
         return None
 
 
-def decide(opts: InitOptions, task: str, num_labels: int, probes: list[dict], shape=None) -> Decision:
-    """The strategy and micro-batch of this run, from the model's counts (``model_plan``) and the
-    workers' memory; raises PlanError when the asked strategy cannot fit."""
+_UNREAD = object()
+
+
+def decide(opts: InitOptions, task: str, num_labels: int, probes: list[dict], shape=_UNREAD) -> Decision:
+    """The strategy and micro-batch of this run, from the model's counts (``model_plan``, read
+    here unless given: None means no blocks) and the workers' memory; raises PlanError when the
+    asked strategy cannot fit."""
     from ..planner import fmt_bytes, init_rows
 
     asked = opts.init_strategy
     memory = worker_memory(probes)
-    if shape is None:
+    if shape is _UNREAD:
         shape = model_plan(opts, task, num_labels)
     if shape is None:
         return Decision("replicated", opts.batch_size, memory_bytes=memory, reason="no repeated blocks to shard")

@@ -11,13 +11,14 @@ in it, and the outputs written from the run's last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..core.files import MARKER, OutputError, atomic_folder, output_kind, write_json, write_marker
+from ..core.files import MARKER, OutputError, atomic_folder, output_kind, replacing, write_json, write_marker
 from ..options import RUN_DEFINING, TrainOptions
 from ..training.checkpoints import EXPORT_DIR, STATE_FILE
 
@@ -137,3 +138,20 @@ def write_outputs(opts: TrainOptions, result, out: Path, mlflow_run_id: str | No
         tracking.set_status(tracking_uri, mlflow_run_id, "FINISHED" if done else "KILLED")
     return dict(final, history=history, out=str(out), mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
                 wall_s=wall_s)
+
+
+@contextlib.contextmanager
+def replacing_folder(out: Path, kind: str, complete, overwrite: bool, resume: bool):
+    """:func:`loraga_ray.core.files.replacing` for a run or search folder (``--overwrite``). Its
+    default MLflow store, ``mlflow.db``, moves aside and back with it, so the database engines
+    MLflow keeps open for that file are dropped before the new one starts and after either ends."""
+    from .. import tracking
+
+    try:
+        with replacing(out, kind, complete, overwrite, resume=resume):
+            if overwrite:
+                tracking.forget_open_stores(out)
+            yield
+    finally:
+        if overwrite:
+            tracking.forget_open_stores(out)

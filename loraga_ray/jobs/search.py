@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.artifact import InitArtifact
-from ..core.files import output_lock, read_marker, replacing, write_json
+from ..core.files import output_lock, read_marker, write_json
 from ..redact import redact_obj, restore
 from ..options import SearchError, SearchOptions, TrainOptions, from_dict
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
 from .search_results import METRIC, best_record, collect_rows, log_results, pick_best, write_results
-from .run_folder import claim
+from .run_folder import claim, replacing_folder
 from .search_trial import ASHA_TIME, close_trial_runs, run_trial
 
 log = logging.getLogger(__name__)
@@ -354,19 +354,11 @@ def search(base: TrainOptions | None, sopts: SearchOptions, *, out: str | os.Pat
     out = Path(out).expanduser().resolve()
     with output_lock(out):  # one search per folder: a second one fails at once, naming this one
         # --overwrite: the old search waits aside until this one ends well (or comes back)
-        from .. import tracking
-
-        try:
-            with replacing(out, "search", search_complete, sopts.overwrite, resume=sopts.resume):
-                if sopts.overwrite:
-                    tracking.forget_open_stores(out)  # the old search's mlflow.db was moved aside
-                result = _search(base, sopts, out, callbacks)
-                if sopts.overwrite and getattr(result, "interrupted", False):
-                    raise KeyboardInterrupt(f"the search was interrupted; the search it was replacing is back in {out}")
-                return result
-        finally:
-            if sopts.overwrite:
-                tracking.forget_open_stores(out)
+        with replacing_folder(out, "search", search_complete, sopts.overwrite, sopts.resume):
+            result = _search(base, sopts, out, callbacks)
+            if sopts.overwrite and result.interrupted:
+                raise KeyboardInterrupt(f"the search was interrupted; the search it was replacing is back in {out}")
+            return result
 
 
 def search_complete(out: Path) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..core.artifact import InitArtifact
-from ..core.files import output_lock, replacing, write_json
+from ..core.files import output_lock, write_json
 from ..redact import redact, restore
 from ..options import TrainOptions
 from .resources import WorkerResources, plan_workers
@@ -44,6 +44,7 @@ from .run_folder import (
     check_out_folder,
     claim,
     read_run_record,
+    replacing_folder,
     write_outputs,
 )
 from .run_plan import RunPlan, build_datasets, check_artifact_fits, check_artifact_weights, plan_run
@@ -196,14 +197,8 @@ def fit(opts: TrainOptions) -> dict:
     out = Path(opts.out).expanduser().resolve()
     with output_lock(out):  # one run per folder: a second one fails at once, naming this one
         # --overwrite: the old run waits aside until this one ends well (or comes back)
-        try:
-            with replacing(out, "training run", run_complete, opts.overwrite, resume=opts.resume):
-                if opts.overwrite:
-                    tracking.forget_open_stores(out)  # the old run's mlflow.db was moved aside
-                return _fit(dataclasses.replace(opts, out=str(out)), out)
-        finally:
-            if opts.overwrite:
-                tracking.forget_open_stores(out)  # (or put back)
+        with replacing_folder(out, "training run", run_complete, opts.overwrite, opts.resume):
+            return _fit(dataclasses.replace(opts, out=str(out)), out)
 
 
 def run_complete(out: Path) -> bool:
