@@ -19,6 +19,8 @@ INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 INIT_STRATEGIES = ("auto", "replicated", "sharded")
+TRAIN_STRATEGIES = ("auto", "ddp", "fsdp")
+TRAIN_DTYPES = ("auto",) + DTYPES
 TASK_CHOICES = ("seq-cls", "causal-lm")
 COLUMN_FIELDS = ("text_column", "label_column", "prompt_column", "response_column")
 INIT_WORKER_CPUS = 0.25  # logical CPUs a gradient worker reserves: Ray Data's tasks need the rest
@@ -156,7 +158,7 @@ RUN_DEFINING = (
     "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "workers",
     "eval_every", "eval_samples", "checkpoint_every", "max_length", "seed", "target_modules",
     "init_samples", "init_batch_size", "task", "text_column", "label_column", "prompt_column",
-    "response_column", "lora_dropout",
+    "response_column", "lora_dropout", "dtype",
 )
 
 
@@ -201,6 +203,15 @@ class TrainOptions:
     init_svd: str = opt("randomized", "truncated SVD method of the estimate", choices=SVD_METHODS)
     init_strategy: str = opt("auto", "how the estimate holds the model: replicated, sharded (FSDP2 over the gradient "
                                      "workers) or auto (the planner's pick)", choices=INIT_STRATEGIES)
+    train_strategy: str = opt("auto", "how the Train workers hold the model: ddp (each holds the whole base), fsdp "
+                                      "(FSDP2 over the workers, one unit per transformer block: each holds 1/N of it) "
+                                      "or auto (ddp when the planner says it fits the GPUs, else fsdp; ddp on CPU)",
+                              choices=TRAIN_STRATEGIES)
+    dtype: str = opt("auto", "dtype of the frozen base weights: auto (float32 on CPU, bfloat16 on CUDA, float16 on GPUs "
+                             "without bfloat16), bfloat16, float16 or float32. LoRA factors, trained heads and their AdamW "
+                             "state stay float32; the forward runs under autocast in this dtype", choices=TRAIN_DTYPES)
+    activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward instead "
+                                                "of keeping them (much less memory, about a third more compute)")
     task: str | None = opt(None, "seq-cls or causal-lm (default: from the data's columns)", choices=TASK_CHOICES)
     text_column: str | None = opt(None, "seq-cls text column (default text)")
     label_column: str | None = opt(None, "seq-cls label column (default label)")
@@ -240,6 +251,8 @@ class TrainOptions:
         _choice("device", self.device, DEVICES)
         _choice("init_svd", self.init_svd, SVD_METHODS)
         _choice("init_strategy", self.init_strategy, INIT_STRATEGIES)
+        _choice("train_strategy", self.train_strategy, TRAIN_STRATEGIES)
+        _choice("dtype", self.dtype, TRAIN_DTYPES)
         if self.task is not None:
             _choice("task", self.task, TASK_CHOICES)
         _positive_int("rank", self.rank)
@@ -295,6 +308,7 @@ class TrainOptions:
             model=self.model, data=self.data, out=out, num_samples=self.init_samples, batch_size=self.init_batch_size,
             max_rank=max_rank, workers=self.init_workers or self.workers, gpus_per_worker=gpus, seed=self.seed,
             svd=self.init_svd, init_strategy=self.init_strategy, max_length=self.max_length, split="train", task=task,
+            dtype=self.dtype if self.dtype != "auto" else "float32",
             target_modules=self.target_modules, address=self.address, progress=progress,
             allow_pickle_weights=self.allow_pickle_weights,
             num_labels=num_labels if task == "seq-cls" else None, **column_kwargs(self),

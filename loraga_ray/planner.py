@@ -14,10 +14,16 @@ arithmetic, with its assumptions stated here and in the printed table:
   vocabulary. They scale with the micro-batch, which the estimate is free to choose (the estimate
   is a token-weighted mean, independent of batch size): init lowers its micro-batch until it
   fits, down to 1.
-* **train, DDP** (today's training path): the whole base in ``dtype``, LoRA factors A and B in
-  float32 with their gradients and AdamW's two moments (16 bytes per LoRA parameter), and the
-  activations of the per-worker batch. FSDP, activation checkpointing and bf16 training rows come
-  with the training part of the scale work.
+* **train, DDP**: the whole base in ``dtype``; LoRA factors A and B in float32 (the master
+  copies) with their gradients, DDP's gradient buckets and AdamW's two moments (20 bytes per
+  LoRA parameter); activations of the per-worker batch.
+* **train, FSDP** (FSDP2 over the N workers): 1/N of the base, plus the units gathered whole at
+  a time: the root's own weights (embeddings, final norm, output head: the root is not resharded
+  between forward and backward) and two blocks (the running one and the next, prefetched); 1/N
+  of the LoRA factors with their gradients and AdamW state; activations as for DDP.
+* **activations** when training add, per layer and token, a 16-bit copy of each target's input
+  (the LoRA path casts it). With **activation checkpointing** only each block's input is kept
+  (``hidden`` values per token and layer), plus one block's activations while it is recomputed.
 
 ``strategy`` is what ``auto`` picks: replicated when it fits (no collectives), else sharded, else
 nothing fits and the plan says what to change.
@@ -32,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 GiB = 2**30
 # what this version runs; the planner also prices the strategies that are coming
-AVAILABLE = {"init": ("replicated", "sharded"), "train": ("ddp",)}
+AVAILABLE = {"init": ("replicated", "sharded"), "train": ("ddp", "fsdp")}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -66,6 +72,7 @@ class ModelShape:
     layers: int
     vocab: int
     lora_params_per_rank: int  # sum over targets of d_in + d_out
+    target_inputs: int = 0  # sum over targets of d_in (the LoRA path keeps a copy of each input)
 
 
 def model_shape(model: str, task: str | None = None, target_modules=None, num_labels: int = 2) -> ModelShape:
@@ -98,6 +105,7 @@ def model_shape(model: str, task: str | None = None, target_modules=None, num_la
         layers=len(blocks),
         vocab=int(getattr(config, "vocab_size", 0)),
         lora_params_per_rank=sum(d_out + d_in for d_out, d_in in shapes.values()),
+        target_inputs=sum(d_in for _, d_in in shapes.values()),
     )
 
 
@@ -141,18 +149,49 @@ def init_rows(shape: ModelShape, workers: int, gpu_bytes: int, dtype: str, batch
     return rows
 
 
+def train_activation_bytes(shape: ModelShape, batch: int, length: int, dtype_bytes: int,
+                           checkpointing: bool) -> int:
+    """Activations kept for the backward of one training micro-batch (see the module doc)."""
+    tokens = batch * length
+    per_layer = tokens * (shape.hidden * 34 * dtype_bytes / 2 + shape.target_inputs / max(1, shape.layers) * dtype_bytes)
+    logits = tokens * shape.vocab * 4
+    if checkpointing:
+        return int(tokens * shape.hidden * dtype_bytes * shape.layers + per_layer + logits)
+    return int(per_layer * shape.layers + logits)
+
+
+TRAIN_STRATEGIES = ("ddp", "fsdp")
+
+
 def train_rows(shape: ModelShape, workers: int, gpu_bytes: int, dtype: str, batch: int, length: int,
-               rank: int) -> list[Row]:
-    """Today's training path: DDP, the base built in float32 on every worker (bf16 autocast on
-    CUDA, so activations in ``dtype``)."""
+               rank: int, activation_checkpointing: bool = False, full: bool = False) -> list[Row]:
+    """Per-worker bytes of a LoRA training run under DDP and FSDP (see the module doc). ``full``
+    (full fine-tuning): every weight trains, so it is float32 with its own gradient and moments."""
     b = DTYPE_BYTES[dtype]
     lora = shape.lora_params_per_rank * rank
+    if full:
+        lora, shape = shape.total_params, ModelShape(**dict(asdict(shape), total_params=0))
     per_worker_batch = max(1, math.ceil(batch / workers))
-    parts = {"base weights (float32, as train builds it today)": shape.total_params * 4, "LoRA A, B (float32)": lora * 4,
-             "their gradients": lora * 4, "AdamW moments": lora * 8,
-             f"activations (batch {per_worker_batch} x {length})": activation_bytes(shape, per_worker_batch, length, b)}
-    total = int(sum(parts.values()))
-    return [Row("train", "ddp", total, {k: int(v) for k, v in parts.items()}, total <= gpu_bytes)]
+    act_name = (f"activations (batch {per_worker_batch} x {length}"
+                f"{', checkpointed' if activation_checkpointing else ''})")
+    act = train_activation_bytes(shape, per_worker_batch, length, b, activation_checkpointing)
+    root = max(0, shape.total_params - shape.blocks * shape.block_params)
+    rows = []
+    for strategy in TRAIN_STRATEGIES:
+        if strategy == "ddp":
+            parts = {f"base weights ({dtype})": shape.total_params * b, "LoRA A, B (float32)": lora * 4,
+                     "their gradients and DDP's buckets": lora * 8, "AdamW moments": lora * 8}
+        else:
+            n = workers
+            parts = {f"base weights ({dtype}, 1/N)": shape.total_params * b / n,
+                     "gathered: root weights and two blocks": (root + min(2, shape.blocks) * shape.block_params) * b,
+                     "LoRA A, B, gradients, AdamW moments (float32, 1/N)": lora * 16 / n}
+        parts[act_name] = act
+        total = int(sum(parts.values()))
+        rows.append(Row("train", strategy, total, {k: int(v) for k, v in parts.items()}, total <= gpu_bytes))
+    if workers == 1:
+        rows = rows[:1]  # one worker holds everything either way
+    return rows
 
 
 def pick(rows: list[Row]) -> Row | None:
@@ -160,7 +199,8 @@ def pick(rows: list[Row]) -> Row | None:
 
 
 def plan(model: str, *, gpus: int, gpu_memory: str | int, dtype: str = "bfloat16", max_rank: int = 32, rank: int = 8,
-         batch_size: int = 8, max_length: int = 512, task: str | None = None, target_modules=None) -> dict:
+         batch_size: int = 8, max_length: int = 512, task: str | None = None, target_modules=None,
+         activation_checkpointing: bool = False) -> dict:
     """The plan as one JSON-able dict: ``init`` and ``train``, each with the chosen ``strategy``
     (None when nothing fits), its ``per_worker_bytes`` and ``fits``, and every row."""
     if dtype not in DTYPE_BYTES:
@@ -170,9 +210,11 @@ def plan(model: str, *, gpus: int, gpu_memory: str | int, dtype: str = "bfloat16
     gpu_bytes = parse_bytes(gpu_memory)
     shape = model_shape(model, task, target_modules)
     out = {"model": model, "gpus": gpus, "gpu_memory_bytes": gpu_bytes, "dtype": dtype, "max_rank": max_rank,
-           "rank": rank, "batch_size": batch_size, "max_length": max_length, "shape": asdict(shape)}
+           "rank": rank, "batch_size": batch_size, "max_length": max_length,
+           "activation_checkpointing": activation_checkpointing, "shape": asdict(shape)}
     for stage, rows in (("init", init_rows(shape, gpus, gpu_bytes, dtype, batch_size, max_length)),
-                        ("train", train_rows(shape, gpus, gpu_bytes, dtype, batch_size, max_length, rank))):
+                        ("train", train_rows(shape, gpus, gpu_bytes, dtype, batch_size, max_length, rank,
+                                             activation_checkpointing))):
         chosen = pick(rows)
         best = chosen or min(rows, key=lambda r: r.per_worker_bytes)
         out[stage] = {"strategy": chosen.strategy if chosen else None, "per_worker_bytes": best.per_worker_bytes,
@@ -190,8 +232,9 @@ def refusal(p: dict, stage: str) -> str | None:
         advice = ("Use more GPUs (the sharded strategy divides the weights, gradients and sums by their number), "
                   "GPUs with more memory, or fewer --target-modules.")
     else:
-        advice = ("Use GPUs with more memory, a smaller --batch-size or --max-length (activations), or fewer "
-                  "--target-modules; sharded (FSDP) and bf16 training are not in this version.")
+        advice = ("Use more GPUs (FSDP divides the base by their number), GPUs with more memory, --dtype bfloat16, "
+                  "--activation-checkpointing, a smaller --batch-size or --max-length (activations), or fewer "
+                  "--target-modules.")
     return (f"{stage} of {p['model']} fits on no strategy with {p['gpus']} x {fmt_bytes(p['gpu_memory_bytes'])}: per "
             f"worker {rows}. {advice}")
 

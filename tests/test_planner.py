@@ -43,9 +43,11 @@ def test_sharded_init_fits_on_four_24gib_gpus_and_nothing_fits_on_one(llama7b):
     assert one["init"]["strategy"] is None and not one["init"]["fits"]
     message = refusal(one, "init")
     assert "fits on no strategy with 1 x 24.00 GiB" in message and "Use more GPUs" in message
-    # train today: DDP with a float32 base on every worker, 27 GB for 7B: fits on no 24 GiB GPU
-    assert not one["train"]["fits"] and one["train"]["rows"][0]["parts"]["base weights (float32, as train builds it today)"] \
-        == model_shape(llama7b).total_params * 4
+    # train: a bfloat16 base (13.5 GB for 7B) with the whole batch of 8 x 512 on one GPU does not fit
+    assert not one["train"]["fits"] and one["train"]["rows"][0]["parts"]["base weights (bfloat16)"] \
+        == model_shape(llama7b).total_params * 2
+    assert [r["strategy"] for r in one["train"]["rows"]] == ["ddp"]  # one worker: nothing to shard over
+    assert four["train"]["strategy"] == "ddp" and four["train"]["fits"]  # 2 examples per GPU: the base fits whole
 
 
 def test_activation_estimate_scales_with_the_micro_batch(llama7b):
@@ -57,11 +59,13 @@ def test_activation_estimate_scales_with_the_micro_batch(llama7b):
 def test_cli_json_and_bad_input(llama7b, capsys):
     from loraga_ray.cli import main
 
-    assert main(["plan", "--model", llama7b, "--gpus", "4", "--gpu-memory", "24GiB", "--json"]) == 3  # train does not fit
+    assert main(["plan", "--model", llama7b, "--gpus", "4", "--gpu-memory", "24GiB", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     for stage in ("init", "train"):
         assert set(p[stage]) >= {"strategy", "per_worker_bytes", "fits"}
-    assert p["init"]["strategy"] == "sharded" and p["train"]["fits"] is False
+    assert p["init"]["strategy"] == "sharded" and p["train"]["strategy"] == "ddp"
+    assert main(["plan", "--model", llama7b, "--gpus", "1", "--gpu-memory", "24GiB", "--json"]) == 3  # nothing fits
+    capsys.readouterr()
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("24GiB") == 24 * GiB
     assert main(["plan", "--model", llama7b, "--gpus", "4", "--gpu-memory", "lots"]) == 1
     assert "cannot read the size 'lots'" in capsys.readouterr().err

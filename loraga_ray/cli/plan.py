@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (default: 512)")
     p.add_argument("--task", choices=("seq-cls", "causal-lm"), default=None)
     p.add_argument("--target-modules", nargs="+", default=None, help="as for init and train (default: every Linear but the head)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="price training with activation checkpointing (as train --activation-checkpointing)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -28,6 +30,6 @@ def run(args) -> int:
 
     p = plan(args.model, gpus=args.gpus, gpu_memory=args.gpu_memory, dtype=args.dtype, max_rank=args.max_rank,
              rank=args.rank, batch_size=args.batch_size, max_length=args.max_length, task=args.task,
-             target_modules=split_names(args.target_modules))
+             target_modules=split_names(args.target_modules), activation_checkpointing=args.activation_checkpointing)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0 if p["init"]["fits"] and p["train"]["fits"] else 3

@@ -215,7 +215,11 @@ def adapter_for_original_base(model: nn.Module, adapter_name: str = "default"):
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapter needs a PEFT model (from apply_lora_ga or get_peft_model).")
     config = copy.deepcopy(model.peft_config[adapter_name])
-    sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    from .sharded import full_tensor
+
+    # under FSDP the values are DTensor shards: every rank gathers the adapter's (never the base's)
+    sd = {k: full_tensor(v.detach()).cpu().contiguous()
+          for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     state = init_state(model, adapter_name)
     if state is None:
         return sd, config
@@ -237,15 +241,18 @@ def adapter_for_original_base(model: nn.Module, adapter_name: str = "default"):
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, adapter_name: str = "default",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, write: bool = True) -> Path:
     """Write a standard PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) that
     ``PeftModel.from_pretrained(original_base, out_dir)`` loads to reproduce ``model``'s outputs.
 
     The folder is written atomically (temporary sibling, then put in place). An adapter this
     tool wrote before is replaced only with ``overwrite=True``; any other existing folder with
-    files in it is refused and left as it is."""
+    files in it is refused and left as it is. A model sharded with FSDP2: every rank calls this
+    (gathering the adapter's tensors is a collective) and one writes; ``write=False`` on the others."""
     out_dir = Path(out_dir)
     sd, config = adapter_for_original_base(model, adapter_name)
+    if not write:
+        return out_dir
     with atomic_folder(out_dir, kind="adapter", overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

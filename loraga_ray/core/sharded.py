@@ -46,7 +46,13 @@ def no_blocks_message(model_name: str) -> str:
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters and gradients), else ``t``."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every rank calls it), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class ShardedAccumulator:

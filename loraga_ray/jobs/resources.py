@@ -14,7 +14,7 @@ from .cluster import ClusterError, joins_cluster
 
 log = logging.getLogger(__name__)
 
-_CUDA_PROBES: dict[float, bool] = {}
+_CUDA_PROBES: dict[float, dict] = {}
 
 
 @dataclass
@@ -26,6 +26,8 @@ class WorkerResources:
     cpus: float
     timeout: float  # seconds to wait for the reservation (an autoscaling cluster may add nodes)
     cuda: bool = False  # the workers compute on CUDA (NCCL); False: CPU + gloo (probed on request)
+    gpu_memory: int | None = None  # bytes of one worker's GPU (probed with cuda)
+    bf16: bool = False  # that GPU computes in bfloat16
 
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus > 0 else {})}
@@ -37,29 +39,37 @@ class WorkerResources:
         return ScalingConfig(num_workers=self.workers, use_gpu=self.gpus > 0, resources_per_worker=self.bundle())
 
 
-def workers_see_cuda(gpus_per_worker: float) -> bool:
-    """Whether a task holding ``gpus_per_worker`` GPUs sees a CUDA device (logical GPUs on a CPU
-    machine do not). The driver's own view answers when it has CUDA; otherwise a probe task."""
+def probe_gpu(gpus_per_worker: float) -> dict:
+    """What a task holding ``gpus_per_worker`` GPUs sees: ``cuda`` (logical GPUs on a CPU machine
+    have none), its device's ``memory`` in bytes and ``bf16`` support. The driver's own view
+    answers when it has CUDA; otherwise a probe task (once per process and size)."""
     import torch
 
+    def look() -> dict:
+        import torch as _t
+
+        if not _t.cuda.is_available():
+            return {"cuda": False, "memory": None, "bf16": False}
+        return {"cuda": True, "memory": int(_t.cuda.get_device_properties(0).total_memory),
+                "bf16": bool(_t.cuda.is_bf16_supported())}
+
     if torch.cuda.is_available():
-        return True
+        return look()
     key = float(min(gpus_per_worker, 1.0))
     if key not in _CUDA_PROBES:
         import ray
 
-        @ray.remote(num_cpus=0, num_gpus=key)
-        def probe():
-            import torch as _t
-
-            return bool(_t.cuda.is_available())
-
         try:
-            _CUDA_PROBES[key] = bool(ray.get(probe.remote(), timeout=120))
+            _CUDA_PROBES[key] = ray.get(ray.remote(num_cpus=0, num_gpus=key)(look).remote(), timeout=120)
         except Exception as e:  # no node can take the task
             log.warning("could not probe GPU workers for CUDA (%s); computing on CPU.", e)
-            _CUDA_PROBES[key] = False
+            _CUDA_PROBES[key] = {"cuda": False, "memory": None, "bf16": False}
     return _CUDA_PROBES[key]
+
+
+def workers_see_cuda(gpus_per_worker: float) -> bool:
+    """Whether a task holding ``gpus_per_worker`` GPUs sees a CUDA device."""
+    return bool(probe_gpu(gpus_per_worker)["cuda"])
 
 
 def plan_workers(what: str, workers: int, *, gpus_per_worker: float | None, cpus_per_worker: float,
@@ -110,11 +120,13 @@ def plan_workers(what: str, workers: int, *, gpus_per_worker: float | None, cpus
     if problems:
         log.warning("the cluster has too little for the %s right now (%s); waiting for the autoscaler",
                     what, "; ".join(problems))
-    cuda = False
+    cuda, gpu = False, {}
     if probe_cuda and gpus > 0:
-        cuda = workers_see_cuda(gpus)
+        gpu = probe_gpu(gpus)
+        cuda = bool(gpu["cuda"])
         if device == "cuda" and not cuda:
             raise ClusterError("--device cuda, but the GPU workers see no CUDA device. Check the drivers, or use --device cpu.")
         if not cuda:
             log.warning("the cluster's GPUs are logical (workers see no CUDA device): the %s compute on CPU with gloo.", what)
-    return WorkerResources(workers=workers, gpus=gpus, cpus=cpus, timeout=timeout, cuda=cuda)
+    return WorkerResources(workers=workers, gpus=gpus, cpus=cpus, timeout=timeout, cuda=cuda,
+                           gpu_memory=gpu.get("memory") if cuda else None, bf16=bool(gpu.get("bf16")))

@@ -48,6 +48,7 @@ from .run_folder import (
     write_outputs,
 )
 from .run_plan import RunPlan, build_datasets, check_artifact_fits, check_artifact_weights, plan_run
+from .train_strategy import TrainDecision, decide_train
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | Non
     params = {k: getattr(opts, k) for k in (
         "model", "data", "init", "rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lr", "batch_size",
         "workers", "seed", "max_steps", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
-        "eval_every", "eval_samples", "target_modules", "artifact", "lora_dropout", "init_samples")}
+        "eval_every", "eval_samples", "target_modules", "artifact", "lora_dropout", "init_samples", "train_strategy",
+        "dtype", "activation_checkpointing")}
     if plan is not None:
         params.update(task=plan.task, total_steps=plan.total_steps, eval_source=plan.eval_source,
                       num_target_modules=len(plan.target_modules))
@@ -103,7 +105,7 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | Non
 
 def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks=(), mlflow_run_id: str | None = None,
                   plan: RunPlan | None = None, resources: WorkerResources | None = None,
-                  artifact: InitArtifact | None = None):
+                  artifact: InitArtifact | None = None, decision: TrainDecision | None = None):
     """The Ray Train ``TorchTrainer`` of one run. Ray must be initialised.
 
     Reports (every worker reports the same dict; Ray keeps rank 0's): ``step``, ``train_loss``
@@ -137,6 +139,7 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
         artifact = InitArtifact.load(opts.artifact)
     plan = plan or plan_run(opts, artifact)
     resources = resources or plan_train_workers(opts)
+    decision = decision or decide_train(opts, plan.task, plan.num_labels, resources)
     if mlflow_run_id is not None and not opts.tracking_uri:
         raise ValueError("build_trainer: mlflow_run_id needs opts.tracking_uri (the store the run lives in).")
     if mlflow_run_id is None and opts.tracking_uri:
@@ -151,6 +154,8 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
         "steps_per_epoch": plan.steps_per_epoch,
         "warmup_steps": warmup_steps(opts.warmup_ratio, plan.total_steps),
         "cuda": resources.cuda,
+        "train_strategy": decision.strategy,
+        "dtype": decision.dtype,
         "artifact_ref": ray.put(artifact_payload(artifact)) if opts.init == "lora-ga" else None,
     }
     all_callbacks = list(callbacks)
@@ -234,6 +239,7 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
         tracking.open_experiment(tracking_uri, opts.experiment)
     connect(opts.address, min_cpus=local_cpus(opts))
     resources = plan_train_workers(opts)
+    decision = decide_train(opts, plan.task, plan.num_labels, resources)  # refuses a run that fits nowhere
     claim(out, "training run")
     if not opts.tracking_uri:
         tracking.open_experiment(tracking_uri, opts.experiment)
@@ -253,10 +259,11 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
 
     run_id = _mlflow_run(opts, out, tracking_uri, plan, artifact)
     trainer = build_trainer(opts, name=RAY_RUN_NAME, storage_path=str(out / RAY_DIR), mlflow_run_id=run_id,
-                            plan=plan, resources=resources, artifact=artifact)
-    log.info("training: init %s, %d steps of %d examples on %d worker(s) (%s), eval on %s; checkpoints in %s",
-             opts.init, plan.total_steps, opts.batch_size, opts.workers, "CUDA" if resources.cuda else "CPU",
-             plan.eval_source, out / RAY_DIR)
+                            plan=plan, resources=resources, artifact=artifact, decision=decision)
+    log.info("training: init %s, %d steps of %d examples on %d worker(s) (%s, %s, %s base%s), eval on %s; "
+             "checkpoints in %s", opts.init, plan.total_steps, opts.batch_size, opts.workers,
+             "CUDA" if resources.cuda else "CPU", decision.strategy, decision.dtype,
+             ", activation checkpointing" if opts.activation_checkpointing else "", plan.eval_source, out / RAY_DIR)
     try:
         with train_environment(opts):
             result = trainer.fit()

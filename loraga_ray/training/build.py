@@ -26,8 +26,13 @@ def artifact_from_payload(payload: dict) -> InitArtifact:
     return InitArtifact(factors=factors, meta=payload["meta"])
 
 
-def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None):
-    """The base model (seeded head) with the chosen init applied, on CPU, in float32.
+def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None,
+                dtype: str = "float32"):
+    """The base model (seeded head) with the chosen init applied, on CPU.
+
+    The base is loaded in ``dtype`` (LoRA-GA's W0 - eta*B0A0 is computed per layer in float32
+    and cast once); full fine-tuning loads float32, since every weight trains. Trainable
+    parameters are made float32 later (``strategy.set_dtypes``).
 
     lora-ga: apply_lora_ga from the artifact; lora: PEFT's default init; pissa: PEFT's PiSSA
     (the initial factors are recorded so save_adapter writes an adapter for the original base);
@@ -37,7 +42,10 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
 
     from ..models import load_model, new_head_modules
 
-    model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed)
+    from .strategy import TORCH_DTYPES
+
+    load_dtype = torch.float32 if opts.init == "full" else TORCH_DTYPES[dtype]
+    model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed, dtype=load_dtype)
     heads = new_head_modules(model, task)
     if opts.init == "full":
         for p in model.parameters():

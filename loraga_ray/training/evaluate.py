@@ -68,7 +68,7 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def exact_matches(module, batch: dict, responses, tokenizer, device, autocast) -> int:
+def exact_matches(module, batch: dict, responses, tokenizer, device, autocast, synced: bool = False) -> int:
     """Greedy generation from each example's prompt (its -100-labelled prefix, i.e. the ids of
     Encoder.encode_prompt) and comparison of the stripped text with the reference response."""
     ids, labels = batch["input_ids"], batch["labels"]
@@ -88,26 +88,53 @@ def exact_matches(module, batch: dict, responses, tokenizer, device, autocast) -
             mask[i, width - len(p):] = 1
     with autocast():
         out = module.generate(input_ids=x.to(device), attention_mask=mask.to(device), max_new_tokens=max(answer_lens) + 1,
-                              do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                              do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                              **({"synced_gpus": True} if synced else {}))
     texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
     return sum(int(t.strip() == str(r).strip()) for t, r in zip(texts, responses))
 
 
-def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world: int, on_batch=None) -> dict:
+def _idle_pass(module, task: str, device, autocast, tokenizer) -> None:
+    """What a rank without a batch runs while the others evaluate under FSDP: one forward of a
+    one-token batch (each forward gathers every unit's shards from all ranks), and for causal-lm
+    one generate, which keeps running until every rank's generation ends (``synced_gpus``)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    x = torch.full((1, 1), pad, dtype=torch.long, device=device)
+    with autocast():
+        module(input_ids=x, attention_mask=torch.ones_like(x))
+        if task != "seq-cls":
+            module.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,
+                            num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=True)
+
+
+def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world: int, on_batch=None,
+             lockstep: bool = False) -> dict:
     """Loss over all eval targets (token-weighted for causal-lm), plus accuracy (seq-cls) or exact
     match (causal-lm); every worker evaluates its share, the sums are all-reduced. ``on_batch`` is
-    called after each batch (the step watchdog: an evaluation that progresses is not stuck)."""
+    called after each batch (the step watchdog: an evaluation that progresses is not stuck).
+    ``lockstep`` (FSDP): every rank runs as many forwards as the rank with the most batches, an
+    idle pass where it has none, since each forward is a collective."""
     from ..data import supervised_count
 
     module = unwrap_ddp(model)
     module.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, loss count, correct, examples
+    rounds = len(batches)
+    if lockstep and world > 1:
+        import torch.distributed as dist
+
+        most = torch.tensor([rounds], dtype=torch.int64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        rounds = int(most.item())
     with torch.no_grad():
-        for cpu_batch, responses in batches:
-            batch = to_device(cpu_batch, device)
-            n = supervised_count(cpu_batch, task)
+        for i in range(rounds):
+            cpu_batch, responses = batches[i] if i < len(batches) else (None, None)
+            n = supervised_count(cpu_batch, task) if cpu_batch is not None else 0
             if n == 0:
+                if lockstep:
+                    _idle_pass(module, task, device, autocast, tokenizer)
                 continue
+            batch = to_device(cpu_batch, device)
             with autocast():
                 out = module(**batch)
             sums[0] += float(out.loss.float()) * n
@@ -116,7 +143,7 @@ def evaluate(model, batches: list, task: str, device, autocast, tokenizer, world
                 sums[2] += float((out.logits.argmax(-1) == batch["labels"]).sum())
                 sums[3] += batch["labels"].numel()
             else:
-                sums[2] += exact_matches(module, cpu_batch, responses, tokenizer, device, autocast)
+                sums[2] += exact_matches(module, cpu_batch, responses, tokenizer, device, autocast, synced=lockstep)
                 sums[3] += len(responses)
             if on_batch is not None:
                 on_batch()

@@ -1,7 +1,9 @@
 """The training loop of one Ray Train worker (``train_loop_per_worker`` of the TorchTrainer).
 
-Per step: the learning rate of the schedule (linear warm-up, cosine decay), forward and backward
-under autocast (bf16 on CUDA), gradient clipping, AdamW; evaluation every ``eval_every`` steps
+The model is held as :mod:`loraga_ray.training.strategy` says (DDP or FSDP2, the base in
+``--dtype``, optional activation checkpointing). Per step: the learning rate of the schedule
+(linear warm-up, cosine decay), forward and backward under autocast in the base's dtype,
+gradient clipping, AdamW on float32 master copies; evaluation every ``eval_every`` steps
 and at the end; a checkpoint every ``checkpoint_every`` steps (default: at evaluations) and at
 the end, where rank 0 also writes the deliverable into the checkpoint. Reports to Ray Train are
 batched (see :meth:`WorkerRun.report_due`)."""
@@ -24,6 +26,7 @@ from ..options import TrainOptions
 from .build import artifact_from_payload, build_model
 from .checkpoints import load_checkpoint, save_checkpoint, trainable_parameters, write_deliverable
 from .evaluate import evaluate, to_device
+from .strategy import autocast_for, full_tensor, prepare, resolve_dtype
 
 
 class DivergedError(ValueError):
@@ -125,16 +128,20 @@ class WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device() if config["cuda"] else torch.device("cpu")
         self.device = device[0] if isinstance(device, list) else device
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-        else:
-            self.autocast = contextlib.nullcontext
+        cuda = self.device.type == "cuda"
+        # decided on the driver (jobs.train_plan); a config without them (an older caller) decides here
+        self.dtype = config.get("dtype") or resolve_dtype(self.opts.dtype, cuda, cuda and torch.cuda.is_bf16_supported())
+        self.strategy = config.get("train_strategy") or ("ddp" if self.opts.train_strategy == "auto"
+                                                         else self.opts.train_strategy)
+        self.sharded = self.strategy == "fsdp" and self.world > 1
+        self.autocast = autocast_for(self.device, self.dtype)
         self.tokenizer = load_tokenizer(config["spec"])
         artifact = artifact_from_payload(ray.get(config["artifact_ref"])) if config.get("artifact_ref") is not None else None
         torch.manual_seed(self.opts.seed)
-        model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact)
+        model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact, dtype=self.dtype)
         del artifact
-        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
+        self.model = prepare(model, strategy=self.strategy, device=self.device, dtype=self.dtype,
+                             activation_checkpointing=self.opts.activation_checkpointing, world=self.world)
         self.params = [p for _, p in trainable_parameters(self.model)]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.opts.lr, weight_decay=self.opts.weight_decay)
         self.per_worker = self.opts.batch_size // self.world
@@ -190,7 +197,8 @@ class WorkerRun:
         with self.autocast():
             loss = self.model(**batch).loss
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, opts.max_grad_norm if opts.max_grad_norm > 0
+                                                               else float("inf")))  # a DTensor under FSDP
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Rank 0 decides when enough time has passed for a report; the all-reduce tells every worker.
@@ -229,7 +237,7 @@ class WorkerRun:
                     batch = collate(encoder(eraw), self.tokenizer.pad_token_id, self.task)
                     self.eval_batches.append((batch, list(eraw.get("response", []))))
         return evaluate(self.model, self.eval_batches, self.task, self.device, self.autocast, self.tokenizer, self.world,
-                        on_batch=self.on_progress)
+                        on_batch=self.on_progress, lockstep=self.sharded)
 
     def print_progress(self, metrics: dict) -> None:
         step = metrics["step"]
@@ -258,12 +266,14 @@ class WorkerRun:
         window = self.history[len(self.history) - (step - self.last_reported_step):]
         report = dict(metrics, train_loss=float(np.mean([h["train_loss"] for h in window])), step_metrics=window)
         tmp = None
-        if checkpoint_now and self.rank == 0:
+        if checkpoint_now and (self.rank == 0 or self.sharded):  # under FSDP every rank writes its shards
             tmp = Path(tempfile.mkdtemp(prefix="loraga-ckpt-"))
-            save_checkpoint(tmp, self.model, self.optimizer, {"step": step, "total_steps": self.total, "history": self.history,
-                                                              "done": done, "init": self.opts.init, "seed": self.opts.seed})
-            if done:
-                write_deliverable(tmp, self.model, self.opts.init, self.tokenizer)
+            save_checkpoint(tmp, self.model, self.optimizer,
+                            {"step": step, "total_steps": self.total, "history": self.history, "done": done,
+                             "init": self.opts.init, "seed": self.opts.seed, "train_strategy": self.strategy,
+                             "dtype": self.dtype}, rank=self.rank, world=self.world, sharded=self.sharded)
+        if checkpoint_now and done and tmp is not None:
+            write_deliverable(tmp, self.model, self.opts.init, self.tokenizer, rank=self.rank)  # gathers under FSDP
         try:
             ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)) if tmp else None)
         finally:
