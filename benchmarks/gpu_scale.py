@@ -206,45 +206,51 @@ def main(argv=None) -> int:
 
 def train_figures(model, names, batches, args, device) -> dict:
     """LoRA training steps over the bf16 base (LoRA-GA's init only changes the factors' values, not
-    the step's cost): AdamW on float32 A, B; autocast bf16; with and without checkpointing."""
+    the step's cost), held as a Train worker holds it (``training.strategy.prepare``: trainable
+    factors float32, autocast bf16), without and with activation checkpointing; beside each
+    measured peak, the planner's prediction for one worker (DDP row) of the same run."""
     import torch
     from peft import LoraConfig, get_peft_model
+
+    from loraga_ray.planner import shape_of, train_rows
+    from loraga_ray.training.strategy import autocast_for, prepare
 
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
     config = LoraConfig(r=args.max_rank, lora_alpha=16, target_modules=[n.split(".")[-1] for n in names],
                         use_rslora=True)
+    shape = shape_of(model, names)
     peft_model = get_peft_model(model, config)
-    for n, p in peft_model.named_parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # master copies in float32
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
     out = {}
     for checkpointing in (False, True):
-        if checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            peft_model.enable_input_require_grads()
+        peft_model = prepare(peft_model, strategy="ddp", device=device, dtype="bfloat16",
+                             activation_checkpointing=checkpointing, world=1)
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
         peft_model.train()
         steps = batches[: args.train_steps + 1]
+        autocast = autocast_for(device, "bfloat16")
 
         def step(b):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with autocast():
                 loss = peft_model(**b).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        key = "checkpointing" if checkpointing else "plain"
+        row = train_rows(shape, 1, 0, "bfloat16", args.micro_batch, args.length, args.max_rank, checkpointing)[0]
         try:
-            step(steps[0])  # warm-up
+            step(steps[0])  # warm-up (and AdamW's state)
             s, peak = timed(device, lambda: [step(b) for b in steps[1:]])
             toks = sum(b["input_ids"].numel() for b in steps[1:])
-            out["checkpointing" if checkpointing else "plain"] = {"seconds": round(s, 3), "tokens_per_s": round(toks / s, 1),
-                                                                  "peak_bytes": peak}
+            out[key] = {"seconds": round(s, 3), "tokens_per_s": round(toks / s, 1), "peak_bytes": peak,
+                        "predicted_bytes": row.per_worker_bytes, "predicted_parts": row.parts,
+                        "predicted_over_measured": round(row.per_worker_bytes / peak, 3) if peak else None}
         except torch.OutOfMemoryError as e:
-            out["checkpointing" if checkpointing else "plain"] = {"error": f"out of memory: {str(e)[:200]}"}
-            opt.zero_grad(set_to_none=True)
+            out[key] = {"error": f"out of memory: {str(e)[:200]}", "predicted_bytes": row.per_worker_bytes}
             torch.cuda.empty_cache()
+        del opt
     return out
 
 

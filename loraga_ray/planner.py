@@ -79,17 +79,25 @@ def model_shape(model: str, task: str | None = None, target_modules=None, num_la
     """The counts of ``model`` from its config. Raises QuantisedModelError for a quantised base and
     ShardingError for a model without repeated blocks."""
     from .core.sharded import ShardingError, no_blocks_message, repeated_blocks
-    from .core.targets import check_not_quantised, find_target_modules, target_shapes
+    from .core.targets import check_not_quantised, find_target_modules
     from .models import meta_model, resolve_model
 
     spec = resolve_model(model, task, check=False)  # a config is enough
     m = meta_model(spec, num_labels=num_labels)
     check_not_quantised(m)
     names = find_target_modules(m, target_modules)
+    if not repeated_blocks(m):
+        raise ShardingError(no_blocks_message(model))
+    return shape_of(m, names)
+
+
+def shape_of(m, names) -> ModelShape:
+    """The counts of a built model (real or on the meta device) with these target Linears."""
+    from .core.sharded import repeated_blocks
+    from .core.targets import target_shapes
+
     shapes = target_shapes(m, names)
     blocks = repeated_blocks(m)
-    if not blocks:
-        raise ShardingError(no_blocks_message(model))
     block_ids = {id(p) for p in blocks[0].parameters()}
     modules = dict(m.named_modules())
     block_target = sum(d_out * d_in for n, (d_out, d_in) in shapes.items() if id(modules[n].weight) in block_ids)
@@ -180,7 +188,8 @@ def train_rows(shape: ModelShape, workers: int, gpu_bytes: int, dtype: str, batc
     for strategy in TRAIN_STRATEGIES:
         if strategy == "ddp":
             parts = {f"base weights ({dtype})": shape.total_params * b, "LoRA A, B (float32)": lora * 4,
-                     "their gradients and DDP's buckets": lora * 8, "AdamW moments": lora * 8}
+                     ("their gradients and DDP's buckets" if workers > 1 else "their gradients"): lora * (8 if workers > 1 else 4),
+                     "AdamW moments": lora * 8}
         else:
             n = workers
             parts = {f"base weights ({dtype}, 1/N)": shape.total_params * b / n,
