@@ -161,8 +161,11 @@ def model_folder(name: str, tmp: Path) -> tuple[str, str]:
         tokenizer.save_pretrained(path)
         config = LlamaConfig(**TINY_LLAMA)
     else:
-        path = resolve_model("demo-smollm2").path
-        config = AutoConfig.from_pretrained(path)
+        from loraga_ray.models import _pretrained_kwargs
+
+        spec = resolve_model("demo-smollm2")
+        path = "demo-smollm2"  # (a GGUF file, dequantised on load)
+        config = AutoConfig.from_pretrained(spec.path, **_pretrained_kwargs(spec))
     micro = tmp / f"micro-{name}"
     small = config.to_dict() | dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=8, vocab_size=config.vocab_size)
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
             path, micro = model_folder(name, Path(tmp))
             from transformers import AutoConfig
 
-            vocab = AutoConfig.from_pretrained(path).vocab_size
+            vocab = AutoConfig.from_pretrained(micro).vocab_size
             for workers in (1, 2):
                 for strategy in (("ddp",) if workers == 1 else ("ddp", "fsdp")):
                     for dtype in ("float32", "bfloat16"):

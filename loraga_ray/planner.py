@@ -22,7 +22,8 @@ arithmetic, with its assumptions stated here and in the printed table:
   between forward and backward) and two blocks (the running one and the next, prefetched); 1/N
   of the LoRA factors with their gradients and AdamW state; activations as for DDP.
 * **activations** when training add, per layer and token, a 16-bit copy of each target's input
-  (the LoRA path casts it). With **activation checkpointing** only each block's input is kept
+  (the LoRA path casts it), and count the logits three times: in ``dtype``, the float32 copy the
+  loss makes and its float32 log-softmax. With **activation checkpointing** only each block's input is kept
   (``hidden`` values per token and layer), plus one block's activations while it is recomputed.
 
 ``strategy`` is what ``auto`` picks: replicated when it fits (no collectives), else sharded, else
@@ -162,7 +163,7 @@ def train_activation_bytes(shape: ModelShape, batch: int, length: int, dtype_byt
     """Activations kept for the backward of one training micro-batch (see the module doc)."""
     tokens = batch * length
     per_layer = tokens * (shape.hidden * 34 * dtype_bytes / 2 + shape.target_inputs / max(1, shape.layers) * dtype_bytes)
-    logits = tokens * shape.vocab * 4
+    logits = tokens * shape.vocab * (dtype_bytes + 8)  # the logits, their float32 copy in the loss and its log-softmax
     if checkpointing:
         return int(tokens * shape.hidden * dtype_bytes * shape.layers + per_layer + logits)
     return int(per_layer * shape.layers + logits)

@@ -33,19 +33,22 @@ def _losses(metrics) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def artifacts(ray_session, assets, tmp_path_factory):
-    """One init artifact per model, so the DDP and FSDP runs start from the same init."""
-    from loraga_ray.jobs.init import run_init
-    from loraga_ray.options import InitOptions
+def artifacts(assets, tmp_path_factory):
+    """One init artifact per model, estimated in-process, so the DDP and FSDP runs start from the
+    same init."""
+    from loraga_ray.core.estimate import estimate_init
+    from loraga_ray.data import Encoder, iter_batches, load_split
+    from loraga_ray.models import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("strategy_artifacts")
     out = {}
     for key, model, data, task in (("cls", "bert", "cls", "seq-cls"), ("causal", "llama", "arith", "causal-lm")):
-        opts = InitOptions(model=str(assets / model), data=str(assets / data), out=str(root / key), num_samples=32,
-                           batch_size=8, max_rank=2, workers=1, seed=0, task=task, progress=False,
-                           num_labels=2 if task == "seq-cls" else None)
-        run_init(opts)
-        out[key] = str(root / key)
+        m = load_model(str(assets / model), task=task, num_labels=2, seed=0)
+        tok = load_tokenizer(str(assets / model))
+        table = load_split(str(assets / data), "train").slice(0, 32)
+        art = estimate_init(m, iter_batches(table, Encoder(tok, task, 128), 8, tok.pad_token_id, task), max_rank=2,
+                            base_model=str(assets / model))
+        out[key] = str(art.save(root / key))
     return out
 
 
