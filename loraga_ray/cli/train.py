@@ -15,8 +15,8 @@ ADAPTER = ("rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lora_d
 OPTIMISATION = ("lr", "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "max_length", "seed", "eval_every", "eval_samples")
 INIT_STAGE = ("init_samples", "init_batch_size", "init_workers", "init_svd", "init_strategy")
-CLUSTER = ("workers", "train_strategy", "dtype", "activation_checkpointing", "gpus_per_worker", "cpus_per_worker", "device", "address", "max_failures", "stall_timeout",
-           "allow_pickle_weights")
+CLUSTER = ("workers", "train_strategy", "dtype", "activation_checkpointing", "gpus_per_worker", "cpus_per_worker",
+           "device", "address", "max_failures", "stall_timeout", "allow_pickle_weights")
 TRACKING = ("tracking_uri", "experiment")
 
 

@@ -26,7 +26,7 @@ from ..options import TrainOptions
 from .build import artifact_from_payload, build_model
 from .checkpoints import load_checkpoint, save_checkpoint, trainable_parameters, write_deliverable
 from .evaluate import evaluate, to_device
-from .strategy import autocast_for, full_tensor, prepare, resolve_dtype
+from .strategy import autocast_for, full_tensor, prepare
 
 
 class DivergedError(ValueError):
@@ -128,11 +128,8 @@ class WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device() if config["cuda"] else torch.device("cpu")
         self.device = device[0] if isinstance(device, list) else device
-        cuda = self.device.type == "cuda"
-        # decided on the driver (jobs.train_plan); a config without them (an older caller) decides here
-        self.dtype = config.get("dtype") or resolve_dtype(self.opts.dtype, cuda, cuda and torch.cuda.is_bf16_supported())
-        self.strategy = config.get("train_strategy") or ("ddp" if self.opts.train_strategy == "auto"
-                                                         else self.opts.train_strategy)
+        # decided on the driver before any worker started (jobs.train_strategy.decide_train)
+        self.dtype, self.strategy = config["dtype"], config["train_strategy"]
         self.sharded = self.strategy == "fsdp" and self.world > 1
         self.autocast = autocast_for(self.device, self.dtype)
         self.tokenizer = load_tokenizer(config["spec"])
