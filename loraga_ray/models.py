@@ -330,11 +330,6 @@ def load_model(
     return model
 
 
-# Sequence-classification heads that a pretrained encoder does not have: new, randomly
-# initialised, and trained in full (PEFT's modules_to_save).
-HEAD_MODULES = ("classifier", "score")
-
-
 def meta_model(spec_or_name: ModelSpec | str, *, task: str | None = None, num_labels: int = 2) -> torch.nn.Module:
     """The model's architecture without weights (torch 'meta' device): layer names and shapes
     for checks, at no memory cost. Only the config is read."""
@@ -353,7 +348,9 @@ def meta_model(spec_or_name: ModelSpec | str, *, task: str | None = None, num_la
 
 def new_head_modules(model: torch.nn.Module, task: str) -> list[str]:
     """The names of ``model``'s new classification heads (empty for causal LMs)."""
+    from .core.targets import CLASSIFIER_HEADS
+
     if task != "seq-cls":
         return []
-    names = {n for n, _ in model.named_modules()}
-    return [h for h in HEAD_MODULES if h in names]
+    names = {n for n, _ in model.named_children()}
+    return [h for h in CLASSIFIER_HEADS if h in names]

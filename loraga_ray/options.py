@@ -158,7 +158,7 @@ RUN_DEFINING = (
     "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "workers",
     "eval_every", "eval_samples", "checkpoint_every", "max_length", "seed", "target_modules",
     "init_samples", "init_batch_size", "task", "text_column", "label_column", "prompt_column",
-    "response_column", "lora_dropout", "dtype",
+    "response_column", "lora_dropout", "dtype", "head_lr",
 )
 
 
@@ -181,6 +181,8 @@ class TrainOptions:
     scale: str = opt("stable", "scale rule of A0 and B0", choices=SCALES)
     use_rslora: bool = opt(True, "scale adapters by alpha/sqrt(r) (rsLoRA); --no-rslora: alpha/r", negate="--no-rslora")
     lr: float = opt(2e-4, "peak learning rate")
+    head_lr: float | None = opt(None, "peak learning rate of a new classifier head (trained in full beside the "
+                                      "adapter; the same warm-up and decay). Default: --lr")
     max_steps: int | None = opt(200, "optimizer steps")
     epochs: float | None = opt(None, "train for this many epochs instead of --max-steps")
     batch_size: int = opt(16, "global batch size (examples per optimizer step), split over the workers")
@@ -258,6 +260,8 @@ class TrainOptions:
         _positive_int("rank", self.rank)
         for name in ("alpha", "gamma", "lr"):
             _positive(name, getattr(self, name))
+        if self.head_lr is not None:
+            _positive("head_lr", self.head_lr)
         _positive_int("workers", self.workers)
         _positive_int("batch_size", self.batch_size)
         if self.batch_size % self.workers:

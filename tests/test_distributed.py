@@ -73,6 +73,9 @@ def options(assets, **kw) -> InitOptions:
 def assert_same(art: InitArtifact, ref: InitArtifact) -> None:
     assert art.target_modules == ref.target_modules
     assert art.meta["fingerprint"] == ref.meta["fingerprint"]
+    assert sorted(art.head or {}) == sorted(ref.head or {})  # the classifier head the gradient went through
+    for name, t in (ref.head or {}).items():
+        torch.testing.assert_close(art.head[name], t, rtol=0, atol=0)
     for name in ref.target_modules:
         U, S, V = art.factors[name]
         Ur, Sr, Vr = ref.factors[name]
@@ -139,7 +142,10 @@ def test_equals_single_process(ray_session, assets, ref24, tmp_path, workers, gp
         art, summary = run_init(opts)
     assert any("only 10 rows" in str(w.message) for w in caught) == (case == "small")
     assert_same(art, ref)
-    meta = InitArtifact.load(opts.out).meta  # what was written is what was returned
+    saved = InitArtifact.load(opts.out)
+    assert_same(saved, ref)
+    assert bool(saved.head) == (case != "causal") and (case == "causal" or saved.meta["head"]["seed"] == 0)
+    meta = saved.meta  # what was written is what was returned
     assert meta["num_examples"] == ref.meta["num_examples"] == n
     assert meta["num_targets"] == ref.meta["num_targets"] > 0
     if case != "causal":

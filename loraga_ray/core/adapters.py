@@ -141,7 +141,10 @@ def apply_lora_ga(
     Everything is checked before the model is touched (quantised base, rank, direction, scale,
     fingerprint of the target weights); on any error the model is left unchanged. On success the
     model's own target weights become W0 - eta*B0A0 (computed in float32, cast back) and the
-    returned ``peft.PeftModel`` computes the same outputs as the original model.
+    returned ``peft.PeftModel`` computes the same outputs as the original model with the
+    artifact's classifier head: an artifact estimated on a sequence classifier carries the head
+    its gradient went through, and that head replaces the model's own (drawn from whatever seed
+    loaded it), so the init and its head always belong together.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -171,6 +174,7 @@ def apply_lora_ga(
         state.A0[name], state.B0[name] = f.A.cpu(), f.B.cpu()
         deltas[name] = (f.A, f.B)
 
+    artifact.load_head(model)  # before PEFT copies it into modules_to_save
     all_conv1d = all(is_transposed(modules[n]) for n in names)
     config = LoraConfig(
         r=rank,

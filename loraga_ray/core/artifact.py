@@ -10,9 +10,15 @@ On disk it is a folder:
   and (format version 2) ``factors_sha256``, the sha256 of ``factors.safetensors``, so a reader
   refuses factors and meta that come from different writes or a damaged file.
 
-Format version 2 (this one) adds ``factors_sha256`` and reserves the optional keys ``strategy``,
-``driver_bytes_received`` (how the estimate ran) and ``head`` (a new classifier head saved with
-the artifact); readers take version-1 artifacts (no checksum) as they were.
+* ``head.safetensors`` (sequence classification only): the classifier head the gradient went
+  through (``classifier.weight``, ``classifier.bias``, ... as the model names them), float32.
+  ``meta["head"]`` lists its tensors and shapes, the seed that drew it and the file's sha256.
+  The fingerprint covers it, and every run trained from the artifact starts from this head, so
+  the init and the head always belong together, whatever seed the run itself uses.
+
+Format version 2 (this one) adds ``factors_sha256`` and the optional keys ``strategy``,
+``driver_bytes_received`` (how the estimate ran) and ``head``; readers take version-1 artifacts
+(no checksum) as they were.
 
 One artifact serves every rank r <= k/2, every direction, scale, gamma and alpha.
 """
@@ -39,6 +45,7 @@ FORMAT_VERSION = 2
 REQUIRED_META = ("format", "format_version", "k", "target_modules", "shapes")
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
+HEAD_FILE = "head.safetensors"
 
 
 class ArtifactError(ValueError):
@@ -66,8 +73,10 @@ def _canonical_sample(w: torch.Tensor, n: int = 16384) -> bytes:
     return sample.view(torch.int16).numpy().tobytes()
 
 
-def weight_fingerprint(model: nn.Module, names) -> str:
-    """sha256 over the target layers' names, (d_out, d_in) shapes and a sample of their values."""
+def weight_fingerprint(model: nn.Module, names, head: Mapping[str, torch.Tensor] | None = None) -> str:
+    """sha256 over the target layers' names, (d_out, d_in) shapes and a sample of their values,
+    then over the classifier head's tensors (every value, rounded to bfloat16), when given.
+    Without a head it is the fingerprint of artifacts that carry none."""
     modules = dict(model.named_modules())
     h = hashlib.sha256()
     for name in names:
@@ -76,7 +85,21 @@ def weight_fingerprint(model: nn.Module, names) -> str:
         h.update(name.encode())
         h.update(str(tuple(w.shape)).encode())
         h.update(_canonical_sample(w))
+    for name in sorted(head or {}):
+        t = head[name]
+        h.update(b"head:" + name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(_canonical_sample(t, n=max(16384, t.numel())))
     return h.hexdigest()
+
+
+def head_state(model: nn.Module, heads) -> dict[str, torch.Tensor]:
+    """The parameters of the modules ``heads`` (``classifier.weight``, ...), float32 on CPU."""
+    out = {}
+    for head in heads:
+        for pname, p in model.get_submodule(head).named_parameters():
+            out[f"{head}.{pname}"] = p.detach().to("cpu", torch.float32).clone()
+    return out
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -99,6 +122,7 @@ class InitArtifact:
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     meta: dict = field(default_factory=dict)
+    head: dict[str, torch.Tensor] | None = None  # the classifier head the gradient went through
 
     @property
     def k(self) -> int:
@@ -131,6 +155,13 @@ class InitArtifact:
             save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
             self.meta = dict(self.meta, format=FORMAT, format_version=FORMAT_VERSION,
                              factors_sha256=file_sha256(tmp / FACTORS_FILE))
+            if self.head:
+                save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in self.head.items()},
+                          str(tmp / HEAD_FILE), metadata={"format": FORMAT})
+                self.meta["head"] = dict(self.meta.get("head") or {}, sha256=file_sha256(tmp / HEAD_FILE),
+                                         shapes={n: list(t.shape) for n, t in sorted(self.head.items())})
+            else:
+                self.meta.pop("head", None)
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
         return path
 
@@ -202,11 +233,14 @@ class InitArtifact:
                 if not bool(torch.isfinite(t).all()):
                     raise ArtifactError(f"{fac_path}: {name}.{part} holds NaN or Inf; the artifact is unusable. {again}")
             factors[name] = (U, S, V)
-        return cls(factors=factors, meta=meta)
+        return cls(factors=factors, meta=meta, head=_load_head(path, meta, again))
 
     # ------------------------------------------------------------------ checks
     def check_model(self, model: nn.Module) -> None:
-        """Raise unless ``model``'s target weights are the ones the gradient was estimated on."""
+        """Raise unless ``model``'s target weights are the ones the gradient was estimated on and,
+        for an artifact with a classifier head, ``model`` has that head's tensors in the same
+        shapes (their values may differ: :meth:`load_head` puts the artifact's in)."""
+        self._check_head_shapes(model)
         modules = dict(model.named_modules())
         missing = [n for n in self.target_modules if n not in modules]
         if missing:
@@ -215,7 +249,7 @@ class InitArtifact:
                 f"{type(model).__name__}; it was estimated on {self.meta.get('base_model')!r}. "
                 "Apply it to that base model, or estimate a new artifact for this one."
             )
-        fp = weight_fingerprint(model, self.target_modules)
+        fp = weight_fingerprint(model, self.target_modules, self.head)
         if fp != self.meta.get("fingerprint"):
             raise ArtifactError(
                 f"the model's target weights do not match the artifact (fingerprint {fp[:12]} vs "
@@ -223,6 +257,60 @@ class InitArtifact:
                 "Load the unmodified base model it was estimated on (not one already initialised "
                 "or fine-tuned), or estimate a new artifact for this model."
             )
+
+
+    def _check_head_shapes(self, model: nn.Module) -> None:
+        if not self.head:
+            return
+        params = dict(model.named_parameters())
+        for name, t in sorted(self.head.items()):
+            p = params.get(name)
+            if p is None:
+                raise ArtifactError(
+                    f"the artifact carries the classifier head {name!r} its gradient went through, but "
+                    f"{type(model).__name__} has no such parameter; it was estimated on a "
+                    f"{self.meta.get('model_class')!r}. Load the model for the same task (sequence classification), "
+                    "or estimate a new artifact for this one.")
+            if tuple(p.shape) != tuple(t.shape):
+                raise ArtifactError(
+                    f"the artifact's classifier head {name} is {tuple(t.shape)}, this model's is {tuple(p.shape)}: the "
+                    f"artifact was estimated with {self.meta.get('num_labels') or t.shape[0]} classes. Load the model "
+                    "with that many labels, or estimate a new artifact on data with this model's classes.")
+
+    def load_head(self, model: nn.Module) -> list[str]:
+        """Copy the artifact's classifier head into ``model`` (the plain model, before any PEFT
+        wrapping); returns the tensor names copied. A model without a head in the artifact is
+        left as it is. Call :meth:`check_model` first."""
+        if not self.head:
+            return []
+        self._check_head_shapes(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in self.head.items():
+                params[name].copy_(t.to(params[name].device, params[name].dtype))
+        return sorted(self.head)
+
+
+def _load_head(path: Path, meta: dict, again: str) -> dict[str, torch.Tensor] | None:
+    """The head tensors of an artifact whose meta lists a head; checked against its sha256."""
+    info = meta.get("head")
+    if not info:
+        return None
+    head_path = path / HEAD_FILE
+    if not head_path.is_file():
+        raise ArtifactError(f"{path}: meta.json lists a classifier head but {HEAD_FILE} is missing. {again}")
+    got = file_sha256(head_path)
+    if got != info.get("sha256"):
+        raise ArtifactError(f"{head_path} does not match {META_FILE} (sha256 {got[:12]}, meta.json says "
+                            f"{str(info.get('sha256'))[:12]}): the head and the factors come from different writes. {again}")
+    try:
+        head = load_file(str(head_path))
+    except Exception as e:
+        raise ArtifactError(f"{head_path} cannot be read ({e}): it is truncated or damaged. {again}") from None
+    shapes = {n: list(t.shape) for n, t in head.items()}
+    if shapes != dict(info.get("shapes") or {}):
+        raise ArtifactError(f"{head_path} holds {shapes}, meta.json says {info.get('shapes')}. {again}")
+    return head
 
 
 def build_meta(

@@ -8,10 +8,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .artifact import InitArtifact, build_meta, weight_fingerprint
+from .artifact import InitArtifact, build_meta, head_state, weight_fingerprint
 from .factors import SVD_METHODS, truncated_svd
 from .gradients import GradientError, GradientSums, accumulate, check_finite
-from .targets import check_not_quantised, check_rank_limit, find_target_modules, target_shapes
+from .targets import check_not_quantised, check_rank_limit, classifier_heads, find_target_modules, target_shapes
 
 
 def check_rank_fits(model: nn.Module, names: Sequence[str], max_rank: int) -> dict[str, tuple[int, int]]:
@@ -82,6 +82,7 @@ def estimate_init(
     dataset_fingerprint: str | None = None,
     progress: bool = False,
     total: int | None = None,
+    heads: Sequence[str] | None = None,
 ) -> InitArtifact:
     """Estimate the LoRA-GA init of ``model`` on ``batches`` and return its artifact.
 
@@ -89,13 +90,18 @@ def estimate_init(
     model returns a loss. G of every target layer is the gradient of the mean loss over all
     supervised targets of all batches (independent of batch size), accumulated in float32; then
     its top k = 2*max_rank singular triplets are kept. The model is left as it was.
+
+    ``heads``: modules whose weights the artifact keeps beside the factors because the gradient
+    went through them (default: the classifier head of a ``*ForSequenceClassification`` model,
+    none otherwise). A run trained from the artifact starts from exactly that head.
     """
     if svd not in SVD_METHODS:
         raise ValueError(f"svd={svd!r} is not one of {SVD_METHODS}.")
     check_not_quantised(model)
     names = find_target_modules(model, target_modules)
     shapes = check_rank_fits(model, names, max_rank)
-    fingerprint = weight_fingerprint(model, names)
+    head = head_state(model, classifier_heads(model) if heads is None else heads) or None
+    fingerprint = weight_fingerprint(model, names, head)
     t0 = time.perf_counter()
     sums = accumulate(model, batches, names, progress=progress, total=total)
     t1 = time.perf_counter()
@@ -117,6 +123,14 @@ def estimate_init(
         base_model=base_model,
         dataset_fingerprint=dataset_fingerprint,
         timings={"gradient_s": round(t1 - t0, 4), "svd_s": round(t2 - t1, 4)},
-        extra={"num_batches": sums.num_batches, "workers": 1},
+        extra={"num_batches": sums.num_batches, "workers": 1, **head_meta(head, seed)},
     )
-    return InitArtifact(factors=factors, meta=meta)
+    return InitArtifact(factors=factors, meta=meta, head=head)
+
+
+def head_meta(head, seed: int) -> dict:
+    """meta.json's ``head`` entry before the artifact is saved (saving adds the sha256)."""
+    if not head:
+        return {}
+    return {"head": {"seed": seed, "modules": sorted({n.rsplit(".", 1)[0] for n in head}),
+                     "shapes": {n: list(t.shape) for n, t in sorted(head.items())}}}

@@ -37,6 +37,21 @@ def is_transposed(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 
 
+# Sequence-classification heads that a pretrained encoder or decoder does not have: new, randomly
+# initialised, trained in full (PEFT's modules_to_save), and stored with the init artifact, since
+# the gradient of every target layer went through them.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def classifier_heads(model: nn.Module) -> list[str]:
+    """The top-level classification heads of a ``*ForSequenceClassification`` model (empty for
+    any other model)."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return []
+    names = {n for n, _ in model.named_children()}
+    return [h for h in CLASSIFIER_HEADS if h in names]
+
+
 def weight_shape(module: nn.Module) -> tuple[int, int]:
     """(d_out, d_in) of a Linear-like module, whatever its storage layout."""
     w = module.weight

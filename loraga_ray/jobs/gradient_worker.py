@@ -87,10 +87,10 @@ class GradientWorker:
         import ray
         import torch
 
-        from ..core.artifact import weight_fingerprint
+        from ..core.artifact import head_state, weight_fingerprint
         from ..core.estimate import check_rank_fits
         from ..models import load_model, load_tokenizer, resolve_model
-        from ..core.targets import find_target_modules
+        from ..core.targets import classifier_heads, find_target_modules
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         spec = resolve_model(self.model_name, self.task, allow_pickle_weights=self.allow_pickle_weights)
@@ -99,7 +99,8 @@ class GradientWorker:
         self.pad_id = load_tokenizer(spec).pad_token_id
         self.names = find_target_modules(self.model, self.target_modules)
         shapes = check_rank_fits(self.model, self.names, self.max_rank)
-        fingerprint = weight_fingerprint(self.model, self.names)  # of the whole weights, before any sharding
+        head = head_state(self.model, classifier_heads(self.model))  # the head the gradient goes through
+        fingerprint = weight_fingerprint(self.model, self.names, head)  # of the whole weights, before any sharding
         if strategy == "sharded":
             from ..core.sharded import ShardedAccumulator
 
@@ -116,6 +117,7 @@ class GradientWorker:
             "shapes": {n: list(s) for n, s in shapes.items()},
             "fingerprint": fingerprint,
             "model_class": type(self.model).__name__,
+            "head": {n: t.numpy() for n, t in head.items()},
         }
 
     def memory(self) -> dict:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..core.artifact import InitArtifact, build_meta
 from ..core.files import output_lock
@@ -149,7 +150,9 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
                         resource_timeout=opts.resource_timeout)
     shape = model_plan(opts, task, num_labels)  # a quantised base, or sharded without blocks: refused here
     grads = _gradient_stage(opts, plan, sample, task, num_labels, times, shape)
-    artifact = InitArtifact(factors=grads.factors, meta=_meta(opts, task, num_labels, info, grads, times))
+    head = {n: torch.from_numpy(np.array(a)) for n, a in grads.infos[0]["head"].items()} or None
+    artifact = InitArtifact(factors=grads.factors, meta=_meta(opts, task, num_labels, info, grads, times, head),
+                            head=head)
     t3 = time.perf_counter()
     out = None
     if opts.out:
@@ -312,7 +315,9 @@ def sharded_factorize(workers, info0: dict, num_targets: int, opts: InitOptions)
     return factors, {"reduce_s": 0.0, "svd_s": svd_s, "reduce_bytes": received, "reduce_peak_mb": 0.0}
 
 
-def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gradients, times: dict) -> dict:
+def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gradients, times: dict, head) -> dict:
+    from ..core.estimate import head_meta
+
     info0 = grads.infos[0]
     meta = build_meta(
         model=None,
@@ -344,6 +349,7 @@ def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gra
             "max_length": opts.max_length,
             "model_dtype": opts.dtype,
             "batch_size": grads.decision.batch_size,
+            **head_meta(head, opts.seed),
         },
     )
     meta["model_class"] = info0["model_class"]

@@ -18,12 +18,14 @@ PISSA_INIT = "pissa_niter_4"  # PEFT's fast PiSSA (randomized SVD with 4 power i
 
 def artifact_payload(art: InitArtifact) -> dict:
     """The artifact as numpy arrays + meta, to put in the object store (zero-copy for workers)."""
-    return {"meta": art.meta, "factors": {n: tuple(t.numpy() for t in f) for n, f in art.factors.items()}}
+    return {"meta": art.meta, "factors": {n: tuple(t.numpy() for t in f) for n, f in art.factors.items()},
+            "head": {n: t.numpy() for n, t in (art.head or {}).items()}}
 
 
 def artifact_from_payload(payload: dict) -> InitArtifact:
     factors = {n: tuple(torch.tensor(np.array(a)) for a in f) for n, f in payload["factors"].items()}
-    return InitArtifact(factors=factors, meta=payload["meta"])
+    head = {n: torch.tensor(np.array(a)) for n, a in (payload.get("head") or {}).items()} or None
+    return InitArtifact(factors=factors, meta=payload["meta"], head=head)
 
 
 def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None,

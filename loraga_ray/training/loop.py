@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.targets import CLASSIFIER_HEADS
 from ..options import TrainOptions
 from .build import artifact_from_payload, build_model
 from .checkpoints import load_checkpoint, save_checkpoint, trainable_parameters, write_deliverable
@@ -112,6 +113,27 @@ class StepWatchdog:
                 os._exit(STALLED_EXIT_CODE)
 
 
+def is_head_parameter(name: str, heads) -> bool:
+    """Whether a trainable parameter belongs to a new classifier head: ``classifier.weight`` of a
+    fully fine-tuned model, ``base_model.model.classifier.modules_to_save.default.weight`` of a
+    PEFT one (heads are top-level modules of the plain model)."""
+    name = name.removeprefix("base_model.model.")
+    return name.split(".", 1)[0] in heads
+
+
+def param_groups(named, opts: TrainOptions, heads) -> list[dict]:
+    """AdamW's parameter groups: the adapter (or every weight under full fine-tuning) at --lr and
+    the new classifier heads at --head-lr (default --lr). Each group keeps its peak lr in
+    ``peak_lr``; the schedule scales it. The groups are the same for every --init."""
+    head_lr = opts.head_lr if opts.head_lr is not None else opts.lr
+    body = [p for n, p in named if not is_head_parameter(n, heads)]
+    head = [p for n, p in named if is_head_parameter(n, heads)]
+    groups = [{"params": body, "lr": opts.lr, "peak_lr": opts.lr, "name": "adapter"}]
+    if head:
+        groups.append({"params": head, "lr": head_lr, "peak_lr": head_lr, "name": "head"})
+    return groups
+
+
 class WorkerRun:
     """The state of one worker's run: model, optimizer, where it resumed, what it reported."""
 
@@ -139,8 +161,10 @@ class WorkerRun:
         del artifact
         self.model = prepare(model, strategy=self.strategy, device=self.device, dtype=self.dtype,
                              activation_checkpointing=self.opts.activation_checkpointing, world=self.world)
-        self.params = [p for _, p in trainable_parameters(self.model)]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.opts.lr, weight_decay=self.opts.weight_decay)
+        named = trainable_parameters(self.model)
+        self.params = [p for _, p in named]
+        self.optimizer = torch.optim.AdamW(param_groups(named, self.opts, CLASSIFIER_HEADS if self.task == "seq-cls" else ()),
+                                           lr=self.opts.lr, weight_decay=self.opts.weight_decay)
         self.per_worker = self.opts.batch_size // self.world
         self.start_step, self.history, self.eval_batches = 0, [], None
         self.last_report = self.t_start = time.perf_counter()
@@ -185,9 +209,10 @@ class WorkerRun:
         from ..data import collate
 
         opts = self.opts
-        lr = opts.lr * lr_factor(step - 1, self.total, self.config["warmup_steps"])
+        factor = lr_factor(step - 1, self.total, self.config["warmup_steps"])
+        lr = opts.lr * factor
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = g["peak_lr"] * factor
         torch.manual_seed(step_seed(opts.seed, step, self.rank))  # dropout: the same after a resume
         self.model.train()
         batch = to_device(collate(raw, self.tokenizer.pad_token_id, self.task), self.device)
