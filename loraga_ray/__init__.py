@@ -16,7 +16,7 @@ and the three jobs on Ray, each a function of its typed options (:mod:`loraga_ra
 The jobs import Ray only when they are first used.
 """
 
-from .core.adapters import apply_lora_ga, merge_adapter, save_adapter, save_merged
+from .core.adapters import apply_lora_ga, apply_lora_one, merge_adapter, save_adapter, save_merged
 from .core.artifact import ArtifactError, InitArtifact
 from .core.estimate import estimate_init
 from .core.gradients import GradientError
@@ -41,6 +41,7 @@ __all__ = [
     "estimate_init",
     "InitArtifact",
     "apply_lora_ga",
+    "apply_lora_one",
     "save_adapter",
     "merge_adapter",
     "save_merged",

@@ -13,9 +13,22 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .core.factors import DIRECTIONS, SCALES, SVD_METHODS
+from .core.factors import DIRECTIONS, LORA_GA_GAMMA, LORA_ONE_GAMMA, SCALES, SVD_METHODS
 
-INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga")
+INITS = ("lora-ga", "lora", "pissa", "full", "peft-lora-ga", "lora-one")
+ARTIFACT_INITS = ("lora-ga", "lora-one")  # the inits built from an init artifact (one serves both)
+
+
+def gradient_directions(init: str) -> int:
+    """Singular directions per unit of rank: LoRA-GA (ours and PEFT's) splits the top 2r between
+    A and B; LoRA-One, like LoRA and PiSSA, uses r."""
+    return 2 if init in ("lora-ga", "peft-lora-ga") else 1
+
+
+def artifact_max_rank(init: str, rank: int) -> int:
+    """The ``max_rank`` an init artifact needs for ``--init init --rank rank`` (it holds 2*max_rank
+    singular triplets per layer: LoRA-GA rank r takes 2r of them, LoRA-One r)."""
+    return rank if gradient_directions(init) == 2 else -(-rank // 2)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 INIT_STRATEGIES = ("auto", "replicated", "sharded")
@@ -158,7 +171,7 @@ RUN_DEFINING = (
     "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "workers",
     "eval_every", "eval_samples", "checkpoint_every", "max_length", "seed", "target_modules",
     "init_samples", "init_batch_size", "task", "text_column", "label_column", "prompt_column",
-    "response_column", "lora_dropout", "dtype", "head_lr",
+    "response_column", "lora_dropout", "dtype", "head_lr", "eval_early_every", "eval_early_until",
 )
 
 
@@ -171,12 +184,15 @@ class TrainOptions:
     data: str = opt(help="demo-rotten-tomatoes, demo-arithmetic, or a local file/folder")
     out: str = opt(help="output folder: adapter/ or model/, metrics.json, loss_curve.png, mlflow.db, checkpoints")
     init: str = opt("lora-ga", "adapter initialisation: lora-ga (ours), lora, pissa, peft-lora-ga (PEFT's built-in "
-                               "LoRA-GA) or full (full fine-tuning)", choices=INITS)
-    artifact: str | None = opt(None, "LoRA-GA init artifact folder (from `loraga-ray init`); without it, lora-ga "
-                                     "estimates one first (into OUT/init_artifact for train)")
+                               "LoRA-GA), lora-one (LoRA-One, from the same artifact) or full (full fine-tuning)",
+                    choices=INITS)
+    artifact: str | None = opt(None, "init artifact folder (from `loraga-ray init`) for lora-ga or lora-one; without "
+                                     "it, they estimate one first (into OUT/init_artifact for train)")
     rank: int = opt(8, "LoRA rank r")
     alpha: float = opt(16.0, "LoRA alpha")
-    gamma: float = opt(16.0, "gamma of LoRA-GA's stable scale c = d_out^(1/4) / sqrt(gamma)")
+    gamma: float | None = opt(None, "gamma of the stable scale: LoRA-GA's c = d_out^(1/4) / sqrt(gamma) (default "
+                                    f"{LORA_GA_GAMMA:g}, the paper's), LoRA-One's 1 / sqrt(gamma * s_1) (default "
+                                    f"{LORA_ONE_GAMMA:g}, its authors')")
     direction: str = opt("ArB2r", "which singular directions of G go to A0 and B0", choices=DIRECTIONS)
     scale: str = opt("stable", "scale rule of A0 and B0", choices=SCALES)
     use_rslora: bool = opt(True, "scale adapters by alpha/sqrt(r) (rsLoRA); --no-rslora: alpha/r", negate="--no-rslora")
@@ -194,6 +210,9 @@ class TrainOptions:
     cpus_per_worker: float = opt(1.0, "CPUs per Train worker")
     eval_every: int = opt(50, "evaluate every K steps and at the end")
     eval_samples: int | None = opt(None, "cap on evaluation examples (default: the whole validation split)")
+    eval_early_every: int | None = opt(None, "also evaluate every K steps over the first --eval-early-until steps, so "
+                                             "early convergence shows in the eval curve")
+    eval_early_until: int = opt(40, "the steps that --eval-early-every covers")
     checkpoint_every: int | None = opt(None, "checkpoint every K steps (default: at every evaluation)")
     max_length: int = opt(128, "tokens per example")
     seed: int = opt(0, "seed of the data order, a new head and the adapter init")
@@ -241,13 +260,20 @@ class TrainOptions:
     allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
                                             "code when loaded: only for files you trust")
 
+    @property
+    def stable_gamma(self) -> float:
+        """--gamma, or the default of the method it scales (LoRA-One's authors use 128, LoRA-GA's paper 16)."""
+        if self.gamma is not None:
+            return float(self.gamma)
+        return LORA_ONE_GAMMA if self.init == "lora-one" else LORA_GA_GAMMA
+
     def validate(self) -> None:
         """Raise ValueError for options that cannot work, before anything is loaded."""
         _choice("init", self.init, INITS)
         check_overwrite(self.overwrite, self.resume, self.out, self.artifact)
-        if self.artifact is not None and self.init != "lora-ga":
-            raise ValueError(f"--artifact is a LoRA-GA init artifact; it does not apply to --init {self.init}. "
-                             "Drop it or use --init lora-ga.")
+        if self.artifact is not None and self.init not in ARTIFACT_INITS:
+            raise ValueError(f"--artifact is an init artifact for lora-ga or lora-one; it does not apply to --init "
+                             f"{self.init}. Drop it or use --init lora-ga / lora-one.")
         _choice("direction", self.direction, DIRECTIONS)
         _choice("scale", self.scale, SCALES)
         _choice("device", self.device, DEVICES)
@@ -258,10 +284,11 @@ class TrainOptions:
         if self.task is not None:
             _choice("task", self.task, TASK_CHOICES)
         _positive_int("rank", self.rank)
-        for name in ("alpha", "gamma", "lr"):
+        for name in ("alpha", "lr"):
             _positive(name, getattr(self, name))
-        if self.head_lr is not None:
-            _positive("head_lr", self.head_lr)
+        for name in ("gamma", "head_lr"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         _positive_int("workers", self.workers)
         _positive_int("batch_size", self.batch_size)
         if self.batch_size % self.workers:
@@ -280,6 +307,9 @@ class TrainOptions:
             raise ValueError("--eval-every and --checkpoint-every must be positive.")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ValueError(f"--eval-samples must be positive, got {self.eval_samples}.")
+        if self.eval_early_every is not None:
+            _positive_int("eval_early_every", self.eval_early_every)
+            _positive_int("eval_early_until", self.eval_early_until)
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}.")
         if self.device == "cpu" and self.gpus_per_worker:

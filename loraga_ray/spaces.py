@@ -58,6 +58,7 @@ KEYS: dict[str, KeyRule] = {
     "alpha": KeyRule("float", "LoRA alpha", low=0, low_open=True),
     "gamma": KeyRule("float", "gamma of the 'stable' scale", low=0, low_open=True),
     "lr": KeyRule("float", "learning rate", low=0, low_open=True),
+    "head_lr": KeyRule("float", "learning rate of a new classifier head", low=0, low_open=True),
     "direction": KeyRule("name", "which singular directions go to A and B", names=DIRECTIONS),
     "scale": KeyRule("name", "scale rule of A0 and B0", names=SCALES),
     "init": KeyRule("name", "adapter initialisation", names=INITS),
@@ -65,7 +66,8 @@ KEYS: dict[str, KeyRule] = {
     "use_rslora": KeyRule("bool", "eta = alpha/sqrt(r) (true) or alpha/r (false)"),
     "weight_decay": KeyRule("float", "AdamW weight decay", low=0),
     "warmup_ratio": KeyRule("float", "fraction of steps of linear warm-up", low=0, high=1, high_open=True),
-    "seed": KeyRule("int", "random seed: data order, head and adapter init", low=0),
+    "seed": KeyRule("int", "random seed: data order, head and adapter init (a LoRA-GA trial starts from the "
+                           "artifact's head, the one its gradient went through)", low=0),
 }
 
 

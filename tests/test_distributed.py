@@ -385,6 +385,9 @@ def test_storage_remote_round_trip_and_interrupted_upload(tmp_path, monkeypatch)
     assert back.meta == art.meta
     for name in art.target_modules:
         torch.testing.assert_close(back.factors[name][1], art.factors[name][1])
+    assert art.head and back.head.keys() == art.head.keys()  # the classifier head travels too
+    for name in art.head:
+        torch.testing.assert_close(back.head[name], art.head[name], rtol=0, atol=0)
 
     uploads = []
 
@@ -398,7 +401,7 @@ def test_storage_remote_round_trip_and_interrupted_upload(tmp_path, monkeypatch)
     monkeypatch.setattr(storage, "_upload_file", failing_upload)
     with pytest.raises(OSError, match="network went away"):
         storage.save_artifact(art, "runs/init", filesystem=fs, overwrite=True)
-    assert uploads[-1].endswith(META_FILE) and len(uploads) == 2  # factors first, meta last
+    assert uploads[-1].endswith(META_FILE) and len(uploads) == 3  # factors and head first, meta last
     with pytest.raises(ArtifactError, match="not an init artifact"):
         storage.load_artifact("runs/init", filesystem=fs)
 

@@ -220,8 +220,9 @@ def test_resume_continues_to_the_same_adapter(e2e, assets, store, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", ["lora", "pissa", "full"])
+@pytest.mark.parametrize("init", ["lora", "pissa", "full", "lora-one"])
 def test_baseline_inits_train_and_export(init, ray_session, assets, store, tmp_path):
+    """lora-one without --artifact estimates one first (max rank ceil(r/2): it takes r triplets)."""
     from peft import PeftModel
 
     from loraga_ray.models import load_model
@@ -236,6 +237,9 @@ def test_baseline_inits_train_and_export(init, ray_session, assets, store, tmp_p
         model = PeftModel.from_pretrained(load_model(opts.model, task="causal-lm"), str(tmp_path / init / "adapter"))
         cfg = json.loads((tmp_path / init / "adapter" / "adapter_config.json").read_text())
         assert cfg["r"] == (2 * opts.rank if init == "pissa" else opts.rank)  # PiSSA is rewritten for the original base
+    if init == "lora-one":
+        meta = json.loads((tmp_path / init / "init_artifact" / "meta.json").read_text())
+        assert meta["k"] == opts.rank  # max_rank 1: k = 2 = r
     loss, _ = _eval_loss(model, assets, "arith", "causal-lm")
     assert loss == pytest.approx(m["eval_loss"], rel=1e-5)
 
@@ -305,7 +309,7 @@ def test_cli_reports_bad_input(assets, tmp_path, capsys):
         main(["train", "--model", str(assets / "bert"), "--data", str(assets / "cls"), "--init", "qlora",
               "--out", str(tmp_path / "o")])
     assert e.value.code == 2
-    assert "invalid choice: 'qlora' (choose from 'lora-ga', 'lora', 'pissa', 'full', 'peft-lora-ga')" in capsys.readouterr().err
+    assert "invalid choice: 'qlora' (choose from 'lora-ga', 'lora', 'pissa', 'full', 'peft-lora-ga', 'lora-one')" in capsys.readouterr().err
     rc = main(["train", "--model", str(assets / "bert"), "--data", str(assets / "cls"), "--rank", "0",
                "--out", str(tmp_path / "o")])
     assert rc == 1  # our own checks: one line, no traceback

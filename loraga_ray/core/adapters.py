@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .artifact import ArtifactError, InitArtifact
-from .factors import DIRECTIONS, SCALES, lora_ga_factors
+from .factors import DIRECTIONS, LORA_ONE_GAMMA, SCALES, lora_ga_factors, lora_one_factors
 from .files import atomic_folder
 from .targets import check_not_quantised, check_rank_limit, is_transposed
 
@@ -101,7 +101,9 @@ def set_init_state(model: nn.Module, state: InitState, adapter_name: str = "defa
     m.__dict__["_loraga_init"][adapter_name] = state
 
 
-def _check_args(artifact: InitArtifact, rank: int, alpha: float, direction: str, scale: str, gamma: float) -> None:
+def _check_args(artifact: InitArtifact, rank: int, alpha: float, direction: str, scale: str, gamma: float,
+                directions: int = 2) -> None:
+    """``directions``: singular directions per rank (LoRA-GA 2, LoRA-One 1)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is not one of {DIRECTIONS}.")
     if scale not in SCALES:
@@ -111,13 +113,16 @@ def _check_args(artifact: InitArtifact, rank: int, alpha: float, direction: str,
     for name, value in (("alpha", alpha), ("gamma", gamma)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-    if rank > artifact.max_rank:
+    allowed = artifact.k // directions
+    if rank > allowed:
+        method = "LoRA-GA" if directions == 2 else "LoRA-One"
         raise ArtifactError(
-            f"rank={rank} is larger than this artifact allows: it holds k={artifact.k} singular vectors per "
-            f"layer, enough for rank <= {artifact.max_rank}. Use rank <= {artifact.max_rank}, or re-estimate with "
-            f"max_rank >= {rank} (the gradient estimate is the expensive part; one artifact serves all smaller ranks)."
+            f"rank={rank} is larger than this artifact allows for {method}: it holds k={artifact.k} singular vectors "
+            f"per layer, enough for rank <= {allowed}. Use rank <= {allowed}, or re-estimate with max_rank >= "
+            f"{rank if directions == 2 else -(-rank // 2)} (the gradient estimate is the expensive part; one artifact "
+            "serves all smaller ranks)."
         )
-    check_rank_limit(artifact.meta["shapes"], rank, label=f"rank={rank}")
+    check_rank_limit(artifact.meta["shapes"], rank, label=f"rank={rank}", directions=directions)
 
 
 def apply_lora_ga(
@@ -146,7 +151,7 @@ def apply_lora_ga(
     its gradient went through, and that head replaces the model's own (drawn from whatever seed
     loaded it), so the init and its head always belong together.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
         raise ValueError(
@@ -174,6 +179,67 @@ def apply_lora_ga(
         state.A0[name], state.B0[name] = f.A.cpu(), f.B.cpu()
         deltas[name] = (f.A, f.B)
 
+    peft_model = _peft_with_factors(
+        model, artifact, deltas, state.eta, rank=rank, alpha=alpha, use_rslora=use_rslora, adapter_name=adapter_name,
+        lora_dropout=lora_dropout, modules_to_save=modules_to_save, task_type=task_type, keep_output=True)
+    set_init_state(peft_model, state, adapter_name)
+    return peft_model
+
+
+def apply_lora_one(
+    model: nn.Module,
+    artifact: InitArtifact,
+    *,
+    rank: int,
+    alpha: float,
+    gamma: float = LORA_ONE_GAMMA,
+    use_rslora: bool = True,
+    adapter_name: str = "default",
+    lora_dropout: float = 0.0,
+    modules_to_save: Sequence[str] | None = None,
+    task_type: str | None = None,
+):
+    """Wrap ``model`` in a PEFT LoRA model initialised by LoRA-One from the same artifact
+    LoRA-GA uses (its top-r singular triplets of G; any rank up to the artifact's ``max_rank``).
+
+    A0 = diag(sqrt(S_r)) V_r^T / sqrt(gamma*S_1), B0 = -U_r diag(sqrt(S_r)) / sqrt(gamma*S_1)
+    (:func:`~loraga_ray.core.factors.lora_one_factors`). The base weights are kept, so the model
+    starts one step away from the original: W0 + eta*B0A0 = W0 - eta/(gamma*S_1) * G_r, with G_r
+    the best rank-r approximation of the gradient. Its output therefore differs from the base's
+    (that is the method), its trained adapter is a plain rank-r PEFT adapter for the unmodified
+    base, and the classifier head is the artifact's, as for :func:`apply_lora_ga`. Everything is
+    checked before the model is touched."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
+        raise ValueError("apply_lora_one takes the plain base model, not a PeftModel: load the original base and apply "
+                         "the artifact to it.")
+    check_not_quantised(model)
+    _check_args(artifact, rank, alpha, "ArB2r", "stable", gamma, directions=1)
+    artifact.check_model(model)
+    deltas, eta = {}, 0.0
+    for name in artifact.target_modules:
+        U, S, V = artifact.factors[name]
+        try:
+            f = lora_one_factors(U, S, V, rank=rank, alpha=alpha, gamma=gamma, use_rslora=use_rslora)
+        except ValueError as e:
+            raise ArtifactError(f"{name}: {e}") from None
+        eta = f.eta
+        deltas[name] = (f.A, f.B)
+    return _peft_with_factors(
+        model, artifact, deltas, eta, rank=rank, alpha=alpha, use_rslora=use_rslora, adapter_name=adapter_name,
+        lora_dropout=lora_dropout, modules_to_save=modules_to_save, task_type=task_type, keep_output=False)
+
+
+def _peft_with_factors(model, artifact: InitArtifact, deltas: dict, eta: float, *, rank: int, alpha: float,
+                       use_rslora: bool, adapter_name: str, lora_dropout: float, modules_to_save, task_type,
+                       keep_output: bool):
+    """get_peft_model over the artifact's targets (with the artifact's head), then lora_A/lora_B
+    set to ``deltas`` (name -> (A0, B0)); with ``keep_output`` the base weight becomes W0 - eta*B0A0."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = dict(model.named_modules())
+    names = artifact.target_modules
     artifact.load_head(model)  # before PEFT copies it into modules_to_save
     all_conv1d = all(is_transposed(modules[n]) for n in names)
     config = LoraConfig(
@@ -194,17 +260,17 @@ def apply_lora_ga(
             layer = inner.get_submodule(name)
             A, B = deltas[name]
             scaling = layer.scaling[adapter_name]
-            if not math.isclose(scaling, state.eta, rel_tol=1e-6):
-                raise RuntimeError(f"PEFT's scaling {scaling} for {name} differs from eta={state.eta}")
+            if not math.isclose(scaling, eta, rel_tol=1e-6):
+                raise RuntimeError(f"PEFT's scaling {scaling} for {name} differs from eta={eta}")
             lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-            lora_A.copy_(A.to(lora_A.dtype))
-            lora_B.copy_(B.to(lora_B.dtype))
-            base = layer.get_base_layer().weight
-            delta = state.eta * (B @ A)
-            if is_transposed(layer.get_base_layer()):
-                delta = delta.t()
-            base.copy_((base.float() - delta).to(base.dtype))
-    set_init_state(peft_model, state, adapter_name)
+            lora_A.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
+            lora_B.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
+            if keep_output:
+                base = layer.get_base_layer().weight
+                delta = eta * (B.to(base.device) @ A.to(base.device))
+                if is_transposed(layer.get_base_layer()):
+                    delta = delta.t()
+                base.copy_((base.float() - delta).to(base.dtype))
     return peft_model
 
 

@@ -14,6 +14,14 @@ With G ~ U diag(S) V^T (columns by descending singular value) and rank r:
 After one SGD step of size lr on A and B alone the effective weight moves by
 -lr * eta^2 (B0 B0^T G + G A0^T A0), which for ``stable`` is -lr * eta^2 c^2 times the best
 rank-2r approximation of G: the first step follows full fine-tuning's.
+
+LoRA-One (Zhang, Liu, Chen 2025) reads the same triplets differently (:func:`lora_one_factors`):
+with -G = U' diag(S) V^T (U' = -U), B0 = U'[:, :r] diag(sqrt(S_r)) / sqrt(gamma * S_1) and
+A0 = diag(sqrt(S_r)) V[:, :r]^T / sqrt(gamma * S_1), exactly as the authors' code builds them
+(YuanheZ/LoRA-One, ``run_exp.py``, ``direction: LoRA-One``, ``scale: stable``: the SVD of -G,
+square roots of the singular values, both factors divided by sqrt(S[0]) and by sqrt(gamma)). The
+base weight is kept, so the model starts at W0 + eta*B0A0 = W0 - eta/(gamma*S_1) * G_r, where
+G_r is the best rank-r approximation of G: one normalised, rank-r gradient step taken at init.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import torch
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
 SVD_METHODS = ("randomized", "exact")
+LORA_ONE_GAMMA = 128.0  # the authors' stable_gamma (conf/init/gradient.yaml)
+LORA_GA_GAMMA = 16.0  # the LoRA-GA paper's gamma
 
 
 @dataclass(frozen=True)
@@ -151,4 +161,33 @@ def lora_ga_factors(
     c = scale_factor(scale, d_out=U.shape[0], eta=eta, gamma=gamma, weight=weight, rank=rank)
     A = (V[:, ia].T * c).float().contiguous()
     B = (U[:, ib] * c).float().contiguous()
+    return Factors(A=A, B=B, eta=eta, c=c)
+
+
+def lora_one_factors(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    rank: int,
+    alpha: float,
+    gamma: float = LORA_ONE_GAMMA,
+    use_rslora: bool = True,
+) -> Factors:
+    """LoRA-One's A0 (r x d_in), B0 (d_out x r) and eta from the top-r singular triplets of G
+    (U, S, V as :func:`truncated_svd` returns them): eta*B0A0 = -eta/(gamma*S_1) * G_r."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}.")
+    if rank > U.shape[1]:
+        raise ValueError(f"rank {rank} needs {rank} singular vectors but only {U.shape[1]} are available.")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be positive, got {gamma}.")
+    eta = adapter_scaling(alpha, rank, use_rslora)
+    s1 = float(S[0])
+    if not s1 > 0:
+        raise ValueError("the gradient estimate of a layer is zero: LoRA-One has no direction to start from.")
+    c = 1.0 / math.sqrt(gamma * s1)
+    root = S[:rank].double().sqrt()
+    B = (-U[:, :rank].double() * root * c).float().contiguous()  # U' = -U: the left vectors of -G
+    A = (root[:, None] * V[:, :rank].double().T * c).float().contiguous()
     return Factors(A=A, B=B, eta=eta, c=c)

@@ -20,8 +20,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .artifact import FACTORS_FILE, META_FILE, ArtifactError, InitArtifact
+from .artifact import FACTORS_FILE, HEAD_FILE, META_FILE, ArtifactError, InitArtifact
 from .files import OutputError, check_destination
+
+ARTIFACT_FILES = (FACTORS_FILE, HEAD_FILE, META_FILE)
 
 CHUNK = 8 << 20  # bytes per write when uploading or downloading
 
@@ -79,7 +81,7 @@ def _exists(fs, path: str) -> bool:
 def check_artifact_destination(uri: str | os.PathLike, *, overwrite: bool = False, filesystem=None) -> None:
     """Raise :class:`~loraga_ray.core.files.OutputError`, touching nothing, unless an artifact may
     be written at ``uri``: nothing there, or (with ``overwrite``) an artifact. Remotely, objects
-    under the prefix other than an artifact's two files are never overwritten."""
+    under the prefix other than an artifact's files are never overwritten."""
     if filesystem is None and not is_remote(uri):
         check_destination(local_path(uri), "init artifact", overwrite)
         return
@@ -88,7 +90,7 @@ def check_artifact_destination(uri: str | os.PathLike, *, overwrite: bool = Fals
     fs, path = resolve(str(uri), filesystem)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
     names = {info.path[len(path):].lstrip("/") for info in infos if info.type == pyarrow.fs.FileType.File}
-    foreign = sorted(names - {FACTORS_FILE, META_FILE})
+    foreign = sorted(names - set(ARTIFACT_FILES))
     if foreign:
         raise OutputError(f"{uri} already holds objects that are not an init artifact ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); nothing was touched. Choose another prefix.")
@@ -114,7 +116,11 @@ def save_artifact(artifact: InitArtifact, uri: str | os.PathLike, *, overwrite: 
         meta_path = f"{path}/{META_FILE}"
         if _exists(fs, meta_path):
             fs.delete_file(meta_path)  # from here on the prefix is "no artifact" until the new meta lands
-        for name in sorted(os.listdir(folder)):
+        written = set(os.listdir(folder))
+        for name in ARTIFACT_FILES:
+            if name != META_FILE and name not in written and _exists(fs, f"{path}/{name}"):
+                fs.delete_file(f"{path}/{name}")  # the replaced artifact's head, which this one lacks
+        for name in sorted(written):
             if name not in (META_FILE, ".loraga-ray.json"):
                 _upload_file(folder / name, fs, f"{path}/{name}")
         _upload_file(folder / META_FILE, fs, meta_path)  # the commit point
@@ -133,7 +139,8 @@ def load_artifact(uri: str | os.PathLike, *, filesystem=None) -> InitArtifact:
         )
     tmp = Path(tempfile.mkdtemp(prefix="loraga-ray-download-"))
     try:
-        for name in (FACTORS_FILE, META_FILE):
+        names = [FACTORS_FILE, META_FILE] + ([HEAD_FILE] if _exists(fs, f"{path}/{HEAD_FILE}") else [])
+        for name in names:
             try:
                 with fs.open_input_stream(f"{path}/{name}") as src, open(tmp / name, "wb") as dst:
                     _copy_stream(src, dst)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.artifact import ArtifactError, InitArtifact
 from ..core.targets import check_rank_limit, find_target_modules, target_shapes
-from ..options import TrainOptions, load_kwargs
+from ..options import ARTIFACT_INITS, TrainOptions, artifact_max_rank, gradient_directions, load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
     plan = RunPlan(spec, task, num_labels, train_table, eval_table, eval_source, total_steps, steps_per_epoch, names,
                    shapes, new_head_modules(model, task))
     check_rank(opts, shapes)
-    if opts.init == "lora-ga" and artifact is not None:
+    if opts.init in ARTIFACT_INITS and artifact is not None:
         check_artifact_fits(opts, plan, artifact, model)
     return plan
 
@@ -112,11 +112,11 @@ def _eval_table(opts: TrainOptions, train_table):
 
 
 def check_rank(opts: TrainOptions, shapes: dict[str, tuple[int, int]]) -> None:
-    """A rank every target layer can take: r <= min(d_out, d_in) for LoRA and PiSSA, 2r for
-    LoRA-GA and PEFT's LoRA-GA (both use 2r gradient directions)."""
+    """A rank every target layer can take: r <= min(d_out, d_in) for LoRA, PiSSA and LoRA-One,
+    2r for LoRA-GA and PEFT's LoRA-GA (both use 2r gradient directions)."""
     if opts.init == "full":
         return
-    directions = 2 if opts.init in ("lora-ga", "peft-lora-ga") else 1
+    directions = gradient_directions(opts.init)
     fix = f"Lower --rank for --init {opts.init} on {opts.model}"
     if len({min(s) for s in shapes.values()}) > 1:
         fix += ", or drop the small layers with --target-modules"
@@ -141,11 +141,12 @@ def check_artifact_fits(opts: TrainOptions, plan: RunPlan, artifact: InitArtifac
             f"{opts.model}. Use the base model it was estimated on, or drop --artifact to estimate a new init for "
             "this model."
         )
-    if opts.rank > artifact.max_rank:
+    allowed = artifact.k // gradient_directions(opts.init)
+    if opts.rank > allowed:
         raise ArtifactError(
-            f"--rank {opts.rank} is larger than the artifact {where} allows (it holds k={artifact.k} singular "
-            f"vectors, enough for rank <= {artifact.max_rank}). Use --rank <= {artifact.max_rank}, or estimate a new "
-            f"artifact with max rank >= {opts.rank}."
+            f"--rank {opts.rank} is larger than the artifact {where} allows for --init {opts.init} (it holds "
+            f"k={artifact.k} singular vectors, enough for rank <= {allowed}). Use --rank <= {allowed}, or estimate a "
+            f"new artifact with max rank >= {artifact_max_rank(opts.init, opts.rank)}."
         )
     if opts.target_modules is not None and list(plan.target_modules) != artifact.target_modules:
         raise ArtifactError(

@@ -3,7 +3,7 @@ all trials sharing ONE gradient estimate.
 
 The gradient estimate is the expensive part of LoRA-GA and does not depend on the rank, alpha,
 gamma, direction, scale or learning rate. So the search runs the init pipeline once, with
-k = 2 x the largest rank in the space, saves the artifact under ``<out>/init`` and every lora-ga
+k = 2 x the largest rank in the space, saves the artifact under ``<out>/init`` and every lora-ga (or lora-one)
 trial applies that artifact (``TrainOptions.artifact``). Each trial is a Ray Train run
 (:func:`loraga_ray.jobs.train.build_trainer`) driven from a Tune function; ASHA stops poor trials
 early on ``eval_loss``.
@@ -35,7 +35,7 @@ from typing import Sequence
 from ..core.artifact import InitArtifact
 from ..core.files import output_lock, read_marker, write_json
 from ..redact import redact_obj, restore
-from ..options import SearchError, SearchOptions, TrainOptions, from_dict
+from ..options import ARTIFACT_INITS, SearchError, SearchOptions, TrainOptions, from_dict, gradient_directions
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
 from .search_results import METRIC, best_record, collect_rows, log_results, pick_best, write_results
 from .run_folder import claim, replacing_folder
@@ -114,13 +114,20 @@ def check_ranks(space: SearchSpace, base: TrainOptions, shapes: dict[str, tuple[
                          fix=f"Drop the larger ranks from the space or narrow --target-modules for {base.model}.")
     except TargetError as e:
         raise SearchError(str(e)) from None
-    if artifact is not None and "lora-ga" in inits and max_rank > artifact.max_rank:
-        raise SearchError(
-            f"search space {space.source}: key 'rank': {max_rank} is above what the artifact {base.artifact} holds "
-            f"(k={artifact.k} singular vectors per layer, so rank <= {artifact.max_rank}). Drop the "
-            f"larger ranks, or leave --artifact unset so the search estimates one with max_rank={max_rank}."
-        )
+    for init in (i for i in ARTIFACT_INITS if i in inits and artifact is not None):
+        allowed = artifact.k // gradient_directions(init)
+        if max_rank > allowed:
+            raise SearchError(
+                f"search space {space.source}: key 'rank': {max_rank} is above what the artifact {base.artifact} "
+                f"holds for {init} (k={artifact.k} singular vectors per layer, so rank <= {allowed}). Drop the "
+                f"larger ranks, or leave --artifact unset so the search estimates one with max_rank={max_rank}."
+            )
     return max_rank
+
+
+def uses_artifact(space: SearchSpace, base: TrainOptions) -> bool:
+    """Whether any trial starts from the init artifact (lora-ga or lora-one)."""
+    return any(space.may_use(init, base.init) for init in ARTIFACT_INITS)
 
 
 def plan_search(base: TrainOptions, space: SearchSpace):
@@ -139,11 +146,12 @@ def plan_search(base: TrainOptions, space: SearchSpace):
     probe.validate()
     plan = plan_run(probe)
     artifact = None
-    if base.artifact and space.may_use("lora-ga", base.init):
+    if base.artifact and uses_artifact(space, base):
         artifact = InitArtifact.load(base.artifact)  # a clear error if it is no artifact
     max_rank = check_ranks(space, base, plan.shapes, artifact)
     if artifact is not None:
-        with_artifact = dataclasses.replace(probe, init="lora-ga", rank=max_rank, artifact=base.artifact)
+        init = next(i for i in ARTIFACT_INITS if space.may_use(i, base.init))
+        with_artifact = dataclasses.replace(probe, init=init, rank=max_rank, artifact=base.artifact)
         check_artifact_fits(with_artifact, plan, artifact)
         check_artifact_weights(with_artifact, plan, artifact)  # the weight fingerprint: loads the base once
     return plan, max_rank, artifact
@@ -382,7 +390,7 @@ def _search(base: TrainOptions | None, sopts: SearchOptions, out: Path, callback
 
     # data, model shapes, ranks, a given artifact: no weights, no cluster yet
     plan, max_rank, given_artifact = plan_search(base, space)
-    uses_lora_ga = space.may_use("lora-ga", base.init)
+    uses_lora_ga = uses_artifact(space, base)
     kept = state.get("artifact") if state.get("artifact") and (Path(state["artifact"]) / "meta.json").is_file() else None
     estimate = uses_lora_ga and not base.artifact and kept is None
 
@@ -395,7 +403,7 @@ def _search(base: TrainOptions | None, sopts: SearchOptions, out: Path, callback
     try:
         artifact = _shared_artifact(base, space, state, given_artifact, kept, max_rank, out, plan) if uses_lora_ga else None
         if artifact is None:
-            log.info("no trial of this space uses lora-ga: no gradient estimate needed")
+            log.info("no trial of this space uses lora-ga or lora-one: no gradient estimate needed")
 
         # the longest trial (with --epochs the length depends on the batch size)
         total_steps = plan.total_steps if base.epochs is None or "batch_size" not in space.params else 10**9

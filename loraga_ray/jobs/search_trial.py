@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..core.files import write_json
-from ..options import TrainOptions, from_dict
+from ..options import ARTIFACT_INITS, TrainOptions, from_dict
 from .search_results import METRIC, TRIALS_DIR
 
 TRIAL_RUN_FILE = "mlflow_run.json"
@@ -65,14 +65,14 @@ def run_trial(config: dict, setup: dict) -> None:
     values.update(config)
     values.update(
         out=str(trial_out),
-        artifact=setup["artifact"] if values.get("init") == "lora-ga" else None,
+        artifact=setup["artifact"] if values.get("init") in ARTIFACT_INITS else None,
         tracking_uri=setup["tracking_uri"],
         parent_run_id=setup["parent_run_id"],
         run_name=trial_id,
         resume=False,
     )
     opts = from_dict(TrainOptions, values)
-    artifact = setup["artifact_copy"] if opts.init == "lora-ga" else None
+    artifact = setup["artifact_copy"] if opts.init in ARTIFACT_INITS else None
     plan = plan_run(opts, artifact)
     trial_out.mkdir(parents=True, exist_ok=True)
     run_file = trial_out / TRIAL_RUN_FILE

@@ -6,7 +6,7 @@ or full fine-tuning), from the command line or :func:`fit`.
 1. checks everything that can be checked cheaply (options, the output folder, the data, the
    rank against the model's layer shapes on a weightless copy, the artifact's fit and
    fingerprint, the cluster's size, the MLflow store);
-2. for ``--init lora-ga`` without ``--artifact``, estimates the init first (the distributed
+2. for ``--init lora-ga`` (or ``lora-one``) without ``--artifact``, estimates the init first (the distributed
    pipeline of :mod:`loraga_ray.jobs.init`) and keeps the artifact in ``<out>/init_artifact``;
 3. runs a Ray Train ``TorchTrainer`` (:func:`build_trainer`; the loop is
    :mod:`loraga_ray.training.loop`): N workers with DDP (gloo on CPU, NCCL on GPU), the training
@@ -31,7 +31,7 @@ from .. import tracking
 from ..core.artifact import InitArtifact
 from ..core.files import output_lock, write_json
 from ..redact import redact, restore
-from ..options import TrainOptions
+from ..options import ARTIFACT_INITS, TrainOptions, artifact_max_rank
 from .resources import WorkerResources, plan_workers
 from .run_folder import (
     INIT_ARTIFACT_DIR,
@@ -93,7 +93,8 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | Non
         "model", "data", "init", "rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lr", "batch_size",
         "workers", "seed", "max_steps", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
         "eval_every", "eval_samples", "target_modules", "artifact", "lora_dropout", "init_samples", "train_strategy",
-        "dtype", "activation_checkpointing")}
+        "dtype", "activation_checkpointing", "head_lr")}
+    params["gamma"] = opts.stable_gamma  # the value used (--gamma, or the method's default)
     if plan is not None:
         params.update(task=plan.task, total_steps=plan.total_steps, eval_source=plan.eval_source,
                       num_target_modules=len(plan.target_modules))
@@ -132,9 +133,9 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
     from ..training.loop import train_loop_per_worker, warmup_steps
 
     opts.validate()
-    if opts.init == "lora-ga" and artifact is None:
+    if opts.init in ARTIFACT_INITS and artifact is None:
         if not opts.artifact:
-            raise ValueError("build_trainer with init lora-ga needs an init artifact (artifact= or opts.artifact); "
+            raise ValueError(f"build_trainer with init {opts.init} needs an init artifact (artifact= or opts.artifact); "
                              "fit() estimates one when it is missing.")
         artifact = InitArtifact.load(opts.artifact)
     plan = plan or plan_run(opts, artifact)
@@ -156,7 +157,7 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
         "cuda": resources.cuda,
         "train_strategy": decision.strategy,
         "dtype": decision.dtype,
-        "artifact_ref": ray.put(artifact_payload(artifact)) if opts.init == "lora-ga" else None,
+        "artifact_ref": ray.put(artifact_payload(artifact)) if opts.init in ARTIFACT_INITS else None,
     }
     all_callbacks = list(callbacks)
     if mlflow_run_id is not None:
@@ -187,10 +188,10 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
 
 
 def estimate_artifact(opts: TrainOptions, plan: RunPlan, dest: Path) -> InitArtifact:
-    """Run the init pipeline for a lora-ga run without --artifact; the artifact goes to ``dest``."""
+    """Run the init pipeline for a lora-ga / lora-one run without --artifact; the artifact goes to ``dest``."""
     from .init import run_init
 
-    artifact, _ = run_init(opts.init_options(out=str(dest), max_rank=opts.rank, task=plan.task,
+    artifact, _ = run_init(opts.init_options(out=str(dest), max_rank=artifact_max_rank(opts.init, opts.rank), task=plan.task,
                                              num_labels=plan.num_labels))
     return artifact
 
@@ -217,14 +218,14 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
     started = time.time()
     opts = dataclasses.replace(opts, tracking_uri=restore(opts.tracking_uri))  # a resumed run's, saved masked
     saved = check_out_folder(opts, out)
-    if saved is not None and opts.init == "lora-ga" and opts.artifact is None and (out / INIT_ARTIFACT_DIR / "meta.json").exists():
+    if saved is not None and opts.init in ARTIFACT_INITS and opts.artifact is None and (out / INIT_ARTIFACT_DIR / "meta.json").exists():
         opts = dataclasses.replace(opts, artifact=str(out / INIT_ARTIFACT_DIR))  # the one this run estimated
     artifact = None
-    if opts.init == "lora-ga" and opts.artifact:
+    if opts.init in ARTIFACT_INITS and opts.artifact:
         opts = dataclasses.replace(opts, artifact=str(Path(opts.artifact).expanduser().resolve()))
         artifact = InitArtifact.load(opts.artifact)  # read once; everything below uses this copy
 
-    if saved is not None and opts.init == "lora-ga":
+    if saved is not None and opts.init in ARTIFACT_INITS:
         check_resumed_artifact(saved, artifact, out)
 
     # the data, the model's shapes, the artifact: no cluster yet
@@ -246,9 +247,9 @@ def _fit(opts: TrainOptions, out: Path) -> dict:
     opts = dataclasses.replace(opts, tracking_uri=tracking_uri)
 
     estimated = False
-    if opts.init == "lora-ga" and artifact is None:
+    if opts.init in ARTIFACT_INITS and artifact is None:
         dest = out / INIT_ARTIFACT_DIR
-        log.info("no --artifact: estimating the LoRA-GA init (%d samples) into %s", opts.init_samples, dest)
+        log.info("no --artifact: estimating the gradient init (%d samples) into %s", opts.init_samples, dest)
         artifact = estimate_artifact(opts, plan, dest)
         opts = dataclasses.replace(opts, artifact=str(dest))
         check_artifact_fits(opts, plan, artifact)

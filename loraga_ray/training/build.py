@@ -5,13 +5,18 @@ heads in full (``modules_to_save``)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
-from ..core.adapters import InitState, apply_lora_ga, exact_names_regex, infer_task_type, set_init_state
+from ..core.adapters import (InitState, apply_lora_ga, apply_lora_one, exact_names_regex, infer_task_type,
+                             set_init_state)
 from ..core.artifact import InitArtifact
 from ..core.targets import find_target_modules, is_transposed
-from ..options import TrainOptions, load_kwargs
+from ..options import ARTIFACT_INITS, TrainOptions, load_kwargs
+
+log = logging.getLogger(__name__)
 
 PISSA_INIT = "pissa_niter_4"  # PEFT's fast PiSSA (randomized SVD with 4 power iterations)
 
@@ -36,7 +41,8 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
     and cast once); full fine-tuning loads float32, since every weight trains. Trainable
     parameters are made float32 later (``strategy.set_dtypes``).
 
-    lora-ga: apply_lora_ga from the artifact; lora: PEFT's default init; pissa: PEFT's PiSSA
+    lora-ga: apply_lora_ga from the artifact; lora-one: apply_lora_one from the same artifact (the
+    base kept: the model starts one rank-r gradient step away); lora: PEFT's default init; pissa: PEFT's PiSSA
     (the initial factors are recorded so save_adapter writes an adapter for the original base);
     full: every parameter trainable. All LoRA variants use the same rsLoRA setting, no dropout by
     default, and train sequence-classification heads in full (modules_to_save)."""
@@ -53,12 +59,18 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if opts.init == "lora-ga":
+    if opts.init in ARTIFACT_INITS:
         if artifact is None:
-            raise ValueError("init lora-ga needs an init artifact.")
+            raise ValueError(f"init {opts.init} needs an init artifact.")
+        note_head_seed(opts, artifact)
+        if opts.init == "lora-one":
+            return apply_lora_one(
+                model, artifact, rank=opts.rank, alpha=opts.alpha, gamma=opts.stable_gamma,
+                use_rslora=opts.use_rslora, lora_dropout=opts.lora_dropout, modules_to_save=heads or None,
+            )
         return apply_lora_ga(
             model, artifact, rank=opts.rank, alpha=opts.alpha, direction=opts.direction, scale=opts.scale,
-            gamma=opts.gamma, use_rslora=opts.use_rslora, lora_dropout=opts.lora_dropout,
+            gamma=opts.stable_gamma, use_rslora=opts.use_rslora, lora_dropout=opts.lora_dropout,
             modules_to_save=heads or None, seed=opts.seed,
         )
     names = find_target_modules(model, opts.target_modules)
@@ -68,7 +80,7 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
         from peft.tuners.lora import LoraGAConfig
 
         peft_scale = {"gd": "gd_scale"}.get(opts.scale, opts.scale)
-        extra = dict(lora_ga_config=LoraGAConfig(direction=opts.direction, scale=peft_scale, stable_gamma=int(opts.gamma)))
+        extra = dict(lora_ga_config=LoraGAConfig(direction=opts.direction, scale=peft_scale, stable_gamma=int(opts.stable_gamma)))
     config = LoraConfig(
         r=opts.rank,
         lora_alpha=opts.alpha,
@@ -95,6 +107,14 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
             state.B0[name] = layer.lora_B["default"].weight.detach().float().cpu().clone()
         set_init_state(peft_model, state)
     return peft_model
+
+
+def note_head_seed(opts: TrainOptions, artifact: InitArtifact) -> None:
+    """Say so when the run's seed would have drawn another head than the artifact's."""
+    seed = (artifact.meta.get("head") or {}).get("seed")
+    if artifact.head and seed is not None and seed != opts.seed:
+        log.info("--seed %d: the classifier head is the artifact's (drawn with seed %d, the one its gradient went "
+                 "through), not a new one; the seed still sets the data order", opts.seed, seed)
 
 
 def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:

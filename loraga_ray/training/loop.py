@@ -317,6 +317,11 @@ def train_loop_per_worker(config: dict) -> None:
         watchdog.close()
 
 
+def is_early_eval(step: int, opts: TrainOptions) -> bool:
+    """An evaluation of --eval-early-every K over the first --eval-early-until steps."""
+    return bool(opts.eval_early_every) and step <= opts.eval_early_until and step % opts.eval_early_every == 0
+
+
 def _steps(run: WorkerRun, watchdog: StepWatchdog) -> None:
     opts, total = run.opts, run.total
     checkpoint_every = opts.checkpoint_every or opts.eval_every
@@ -325,7 +330,7 @@ def _steps(run: WorkerRun, watchdog: StepWatchdog) -> None:
         watchdog.beat(step)
         done = step == total
         stopping = opts.stop_after is not None and step >= opts.stop_after and not done
-        if step % opts.eval_every == 0 or done:
+        if step % opts.eval_every == 0 or done or is_early_eval(step, opts):
             metrics.update(run.evaluate())
             watchdog.beat()
         if done:
