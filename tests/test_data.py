@@ -123,13 +123,13 @@ def write(table, path):
 def test_file_round_trip(tmp_path, suffix):
     table = cls_table()
     path = write(table, tmp_path / f"reviews{suffix}")
-    loaded = load_split(str(path))
+    loaded = load_split(str(path), hold_out=False)
     assert loaded.column_names == ["text", "label"]
     assert loaded.schema.field("label").type == pa.int64()
     assert loaded.to_pylist() == table.to_pylist()
     assert table_fingerprint(loaded) == table_fingerprint(table)
     with pytest.raises(ValueError, match="single file"):
-        load_split(str(path), "validation")
+        load_split(str(path), "validation", hold_out=False)
 
 
 def test_folder_with_split_files(tmp_path):
@@ -148,17 +148,17 @@ def test_folder_with_shards_and_subfolders(tmp_path):
     write(table.slice(2, 2), tmp_path / "train-00001-of-00002.parquet")
     (tmp_path / "test").mkdir()
     write(table.slice(0, 1), tmp_path / "test" / "part.csv")
-    assert load_split(str(tmp_path), "train").to_pylist() == table.to_pylist()
+    assert load_split(str(tmp_path), "train", hold_out=False).to_pylist() == table.to_pylist()
     assert load_split(str(tmp_path), "test").num_rows == 1
     with pytest.raises(ValueError, match="splits found: test, train"):
-        load_split(str(tmp_path), "validation")
+        load_split(str(tmp_path), "validation", hold_out=False)
 
 
 def test_folder_without_split_names_is_train(tmp_path):
     write(cls_table(), tmp_path / "data.parquet")
-    assert load_split(str(tmp_path)).num_rows == 4
+    assert load_split(str(tmp_path), hold_out=False).num_rows == 4
     with pytest.raises(ValueError, match="train' split only"):
-        load_split(str(tmp_path), "test")
+        load_split(str(tmp_path), "test", hold_out=False)
 
 
 def write_saved_dataset(table, folder):
@@ -176,7 +176,7 @@ def write_saved_dataset(table, folder):
 def test_saved_hf_dataset_and_dataset_dict(tmp_path):
     table = pa.table({"question": ["what is 1 + 1 ?"], "answer": [" 2"], "id": [7]})
     write_saved_dataset(table, tmp_path / "single")
-    loaded = load_split(str(tmp_path / "single"), prompt_column="question", response_column="answer")
+    loaded = load_split(str(tmp_path / "single"), prompt_column="question", response_column="answer", hold_out=False)
     assert loaded.to_pylist() == [{"prompt": "what is 1 + 1 ?", "response": " 2"}]
 
     write_saved_dataset(table, tmp_path / "dict" / "train")
@@ -192,10 +192,10 @@ def test_saved_hf_dataset_and_dataset_dict(tmp_path):
 def test_missing_column_names_existing_columns(tmp_path):
     path = write(pa.table({"sentence": ["a"], "label": [0]}), tmp_path / "d.parquet")
     with pytest.raises(ValueError) as info:
-        load_split(str(path), task="seq-cls")
+        load_split(str(path), task="seq-cls", hold_out=False)
     message = str(info.value)
     assert "'text'" in message and "sentence, label" in message and "text_column" in message
-    loaded = load_split(str(path), text_column="sentence")
+    loaded = load_split(str(path), text_column="sentence", hold_out=False)
     assert loaded.to_pylist() == [{"text": "a", "label": 0}]
 
 
@@ -203,8 +203,8 @@ def test_task_and_label_errors(tmp_path):
     path = write(pa.table({"a": ["x"], "b": ["y"]}), tmp_path / "d.parquet")
     with pytest.raises(ValueError, match="cannot tell the task.*a, b"):
         load_split(str(path))
-    path = write(pa.table({"text": ["x"], "label": ["pos"]}), tmp_path / "s.parquet")
-    with pytest.raises(ValueError, match="integer class ids"):
+    path = write(pa.table({"text": ["x"], "label": [[1]]}), tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match="class ids 0..num_labels-1 or class names"):
         load_split(str(path))
     with pytest.raises(ValueError, match="Dataset hubs are not used"):
         load_split(str(tmp_path / "nope.parquet"))
@@ -215,7 +215,7 @@ def test_task_and_label_errors(tmp_path):
 def test_null_rows_dropped_with_warning(tmp_path):
     path = write(pa.table({"text": ["a", None, "c"], "label": [1, 0, None]}), tmp_path / "d.parquet")
     with pytest.warns(UserWarning, match="dropped 2 of 3 rows"):
-        loaded = load_split(str(path))
+        loaded = load_split(str(path), hold_out=False)
     assert loaded.to_pylist() == [{"text": "a", "label": 1}]
 
 

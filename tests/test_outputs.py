@@ -374,11 +374,11 @@ def test_empty_rows_are_dropped_with_a_count(tmp_path):
 
     rows = [{"text": "fine", "label": 1}, {"text": "   ", "label": 0}, {"text": "", "label": 1}, {"text": None, "label": 0}]
     with pytest.warns(UserWarning, match="dropped 3 of 4 rows with null values or empty text"):
-        table = load_split(_jsonl(tmp_path / "cls.jsonl", rows))
+        table = load_split(_jsonl(tmp_path / "cls.jsonl", rows), hold_out=False)
     assert table.column("text").to_pylist() == ["fine"]
     rows = [{"prompt": "1+1=", "response": " 2"}, {"prompt": "2+2=", "response": " "}]
     with pytest.warns(UserWarning, match="dropped 1 of 2 rows with null values or an empty response"):
-        assert load_split(_jsonl(tmp_path / "lm.jsonl", rows)).num_rows == 1
+        assert load_split(_jsonl(tmp_path / "lm.jsonl", rows), hold_out=False).num_rows == 1
 
 
 # ------------------------------------------------------------------------- broken model folders

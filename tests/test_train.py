@@ -391,9 +391,42 @@ def test_checkpoint_round_trip(init, assets, bert_artifact, tmp_path):
 def test_plan_epochs_and_held_out_eval(assets, tmp_path):
     plan = plan_run(_opts(assets, tmp_path, init="lora", epochs=1.5, max_steps=None))
     assert plan.steps_per_epoch == 64 // 8 and plan.total_steps == 12 and plan.eval_source == "validation split"
-    single_file = str(assets / "cls" / "train.parquet")  # no validation split: 10% of train held out by seed
+    single_file = str(assets / "cls" / "train.parquet")  # train only: 10% validation, 10% test held out
     plan = plan_run(_opts(assets, tmp_path, init="lora", data=single_file, eval_samples=4))
-    assert "held out" in plan.eval_source and plan.train_table.num_rows == 58 and plan.eval_table.num_rows == 4
+    assert "held out" in plan.eval_source and plan.train_table.num_rows == 52 and plan.eval_table.num_rows == 4
+
+
+def test_class_names_train_only_data_end_to_end(ray_session, assets, store, tmp_path):
+    """Class names on a train-only file: the init pipeline and training map them the same way
+    (sorted names), never sample the held-out rows, and the names land in the artifact, the
+    adapter (labels.json), metrics.json and MLflow; the exported adapter loads with them."""
+    from loraga_ray.data import load_split, sample_table
+    from loraga_ray.training.evaluate import evaluate_split, load_finished
+
+    rows = load_split(str(assets / "cls"), "train").to_pylist()
+    names = ["negative", "neutral", "positive"]
+    path = tmp_path / "named.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"], "label": names[2 * r["label"] if i % 5 else 1]}) + "\n"
+                            for i, r in enumerate(rows)))
+    opts = _opts(assets, tmp_path / "run", data=str(path), init="lora-ga", artifact=None, workers=1, max_steps=2,
+                 init_samples=16, tracking_uri=store)
+    m = fit(opts)
+    meta = json.loads((tmp_path / "run" / "init_artifact" / "meta.json").read_text())
+    assert meta["label_names"] == names and meta["num_labels"] == 3 and meta["dataset_rows"] == 52
+    held = set(load_split(str(path), "validation")["text"].to_pylist()) | set(load_split(str(path), "test")["text"].to_pylist())
+    assert not held & set(sample_table(load_split(str(path)), 16, 0)["text"].to_pylist())
+    run = json.loads((tmp_path / "run" / "metrics.json").read_text())["run"]
+    assert run["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"} and run["label2id"]["positive"] == 2
+    labels = json.loads((tmp_path / "run" / "adapter" / "labels.json").read_text())
+    assert labels["id2label"] == run["id2label"]
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient(tracking_uri=store).get_run(m["mlflow_run_id"]).data.params
+    assert json.loads(params["id2label"]) == {"0": "negative", "1": "neutral", "2": "positive"}
+    model, spec = load_finished(opts.model, tmp_path / "run")
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"} and model.config.num_labels == 3
+    test = evaluate_split(model, spec, str(path), "test", max_length=16)
+    assert 0.0 <= test["test_accuracy"] <= 1.0
 
 
 def test_cli_resume_reads_the_saved_options(assets, tmp_path):

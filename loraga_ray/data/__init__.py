@@ -15,16 +15,23 @@ from .sources import (
     TASKS,
     DatasetNotFoundError,
     check_labels,
+    holdout,
     infer_task,
+    label_names,
     load_split,
+    missing_splits,
+    num_classes,
     read_whole,
     select_columns,
     split_sources,
+    train_label_names,
+    with_label_names,
 )
 
 __all__ = [
     "CANONICAL_COLUMNS", "DEMO_DATASETS", "DEMO_DATA_SPECS", "IGNORE_INDEX", "SPLITS", "TASKS",
-    "DataSpec", "DatasetNotFoundError", "check_labels", "Encoder", "collate", "infer_task", "iter_batches", "load_split",
+    "DataSpec", "DatasetNotFoundError", "check_labels", "Encoder", "collate", "holdout", "infer_task", "iter_batches",
+    "label_names", "load_split", "missing_splits", "num_classes", "train_label_names", "with_label_names",
     "read_whole", "sample_indices", "sample_table", "select_columns", "split_sources", "supervised_count",
     "table_fingerprint",
 ]

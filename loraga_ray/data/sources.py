@@ -3,19 +3,30 @@
 
 Two tasks are supported, each with canonical column names:
 
-* ``seq-cls``: ``text`` (str) and ``label`` (int64 class id);
+* ``seq-cls``: ``text`` (str) and ``label`` (int64 class id). Labels may be given as class ids,
+  as class names (strings: the training split's sorted names become ids 0..n-1, and every split
+  is mapped with that one table), or as a Hugging Face ``ClassLabel`` column (its ids, named by
+  its names). The names travel in the table's schema metadata (:func:`label_names`);
 * ``causal-lm``: ``prompt`` (str) and ``response`` (str); the loss covers the response only.
 
 :func:`split_sources` is the one place that decides which files make up a split; both
 :func:`load_split` (one process) and the Ray init pipeline (one read task per file) use it.
-This module never imports ray.
+A local dataset with only a train split gets a validation and a test split held out of it (one
+without validation, a validation split): HOLDOUT_FRACTION of the rows each, chosen with the fixed
+HOLDOUT_SEED, so every run, every seed and the init sample see the same disjoint parts
+(:func:`holdout`). This module never
+imports ray.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +35,12 @@ IGNORE_INDEX = -100  # label value that the loss skips (the Hugging Face convent
 TASKS = ("seq-cls", "causal-lm")
 SPLITS = ("train", "validation", "test")
 CANONICAL_COLUMNS = {"seq-cls": ("text", "label"), "causal-lm": ("prompt", "response")}
+HOLDOUT_FRACTION = 0.1  # of the training rows, for each missing validation / test split
+HOLDOUT_SEED = 0  # fixed: the held-out rows do not depend on a run's --seed
+LABEL_NAMES_KEY = b"loraga.label_names"  # schema metadata: JSON list, class id -> name
+
+log = logging.getLogger(__name__)
+_announced: set = set()
 
 
 class DatasetNotFoundError(ValueError):
@@ -110,7 +127,16 @@ def _read_saved_dataset(folder: Path) -> pa.Table:
             except pa.ArrowInvalid:
                 source.seek(0)
                 tables.append(pa.ipc.open_file(source).read_all())
-    return _concat(tables, folder)
+    table = _concat(tables, folder)
+    info_file = folder / "dataset_info.json"
+    if b"huggingface" not in (table.schema.metadata or {}) and info_file.is_file():
+        try:  # the features (a ClassLabel's names) are in dataset_info.json too
+            features = json.loads(info_file.read_text()).get("features")
+        except ValueError:
+            features = None
+        if isinstance(features, dict):
+            table = table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}})})
+    return table
 
 
 def _split_of(name: str) -> str | None:
@@ -219,10 +245,12 @@ def _infer_task(names: list[str], given: dict[str, str | None], source: str) -> 
 
 def select_columns(table: pa.Table, source: str, task: str | None = None, *, text_column: str | None = None,
                    label_column: str | None = None, prompt_column: str | None = None,
-                   response_column: str | None = None) -> pa.Table:
+                   response_column: str | None = None, label_names: list[str] | None = None) -> pa.Table:
     """The task's canonical columns of ``table`` (renamed from ``*_column`` when given), typed
     and checked; rows with null values in them are dropped with a warning. ``source`` names the
-    data in error messages."""
+    data in error messages. Class-name labels are mapped with ``label_names`` (the training
+    split's, from :func:`train_label_names`; a name not in it is an error); a ClassLabel column
+    keeps its ids and its names. The result's :func:`label_names` are those names, if any."""
     given = {"text": text_column, "label": label_column, "prompt": prompt_column, "response": response_column}
     names = table.column_names
     task = task or _infer_task(names, given, source)
@@ -234,26 +262,15 @@ def select_columns(table: pa.Table, source: str, task: str | None = None, *, tex
                 f"its columns are: {', '.join(names)}. Pass the right name with "
                 f"{role}_column=... (--{role}-column on the command line)"
             )
+    class_label = _class_label_names(table.schema, wanted["label"]) if "label" in wanted else None
     table = table.select(list(wanted.values())).rename_columns(list(wanted))
     table = table.replace_schema_metadata(None)
 
-    columns = []
+    columns, names_out = [], None
     for role in wanted:
         column = table.column(role)
         if role == "label":
-            if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)
-                    or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
-                raise ValueError(
-                    f"the label column {wanted[role]!r} of {source} holds {column.type}; labels "
-                    f"must be integer class ids 0..num_labels-1, so map them to integers first"
-                )
-            try:
-                column = pc.cast(column, pa.int64())
-            except pa.ArrowInvalid as err:
-                raise ValueError(
-                    f"the label column {wanted[role]!r} of {source} has non-integer values; "
-                    f"labels must be integer class ids 0..num_labels-1"
-                ) from err
+            column, names_out = _label_ids(column, wanted[role], source, label_names, class_label)
         elif not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             if not pa.types.is_null(column.type):
                 raise ValueError(
@@ -263,7 +280,7 @@ def select_columns(table: pa.Table, source: str, task: str | None = None, *, tex
         columns.append(column)
     table = pa.Table.from_arrays(columns, names=list(wanted))
     if "label" in wanted:
-        check_labels(table, source)
+        check_labels(table, source, len(names_out) if names_out else None)
 
     # rows without a value, or (text, response) with only white space: nothing to learn from, and
     # a batch of only such rows would average the loss over zero targets (NaN)
@@ -279,7 +296,103 @@ def select_columns(table: pa.Table, source: str, task: str | None = None, *, tex
         what = "null values" + (" or empty text" if "text" in wanted else " or an empty response")
         warnings.warn(f"{source}: dropped {dropped} of {table.num_rows} rows with {what}")
         table = table.filter(keep)
-    return table
+    return with_label_names(table, names_out)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _label_ids(column, name: str, source: str, label_names, class_label):
+    """(int64 ids, names or None) of a label column: ids as they are, names mapped, ClassLabel
+    ids with their names."""
+    if pa.types.is_dictionary(column.type):
+        column = pc.cast(column, pa.string())  # a categorical column (e.g. from pandas)
+    if _is_text(column.type):
+        if not label_names:
+            raise ValueError(f"the label column {name!r} of {source} holds class names, but no names of the "
+                             "training split to map them with; read it with load_split (which does that)")
+        ids = pc.index_in(column, value_set=pa.array(label_names, pa.string()))
+        unseen = pc.and_(pc.is_valid(column), pc.is_null(ids))
+        if pc.any(unseen).as_py():
+            row = int(pc.index(unseen, True).as_py())
+            shown = ", ".join(repr(n) for n in label_names[:20]) + (", ..." if len(label_names) > 20 else "")
+            raise ValueError(
+                f"{source}: row {row} has label {column[row].as_py()!r}, a class the training split does not have "
+                f"(its {len(label_names)} classes: {shown}). Fix or drop that row, or add the class to the training "
+                "data."
+            )
+        return pc.cast(ids, pa.int64()), list(label_names)
+    if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)
+            or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
+        raise ValueError(
+            f"the label column {name!r} of {source} holds {column.type}; labels must be class ids "
+            "0..num_labels-1 or class names (strings)"
+        )
+    try:
+        column = pc.cast(column, pa.int64())
+    except pa.ArrowInvalid as err:
+        raise ValueError(
+            f"the label column {name!r} of {source} has non-integer values; labels must be class ids "
+            "0..num_labels-1 or class names (strings)"
+        ) from err
+    return column, (list(class_label) if class_label else None)
+
+
+def _class_label_names(schema: pa.Schema, column: str) -> list[str] | None:
+    """The names of a Hugging Face ``ClassLabel`` column, from the schema metadata ``datasets``
+    writes into its parquet and arrow files."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+        features = info.get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return None
+    feature = features.get(column) if isinstance(features, dict) else None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+        return [str(n) for n in feature["names"]]
+    return None
+
+
+def with_label_names(table: pa.Table, names: list[str] | None) -> pa.Table:
+    """``table`` with its class names (id -> name) in the schema metadata (or none)."""
+    if not names:
+        return table.replace_schema_metadata(None)
+    return table.replace_schema_metadata({LABEL_NAMES_KEY: json.dumps(list(names))})
+
+
+def label_names(table: pa.Table) -> list[str] | None:
+    """The class names of a table :func:`load_split` returned (class id i is names[i]), or None
+    when the data gave class ids only."""
+    raw = (table.schema.metadata or {}).get(LABEL_NAMES_KEY)
+    return json.loads(raw) if raw else None
+
+
+def num_classes(table: pa.Table) -> int:
+    """Classes of a seq-cls training table: its names, else the largest id + 1 (at least 2)."""
+    names = label_names(table)
+    if names:
+        return max(2, len(names))
+    hi = pc.max(table["label"]).as_py() if table.num_rows else None
+    if hi is None:
+        raise ValueError("the training split has no rows.")
+    return max(2, int(hi) + 1)
+
+
+def train_label_names(raw: pa.Table, label_column: str | None = None) -> list[str] | None:
+    """The sorted class names of a raw training table whose label column holds strings (None
+    otherwise): the one mapping every split of the dataset is read with."""
+    name = label_column or "label"
+    if name not in raw.column_names:
+        return None
+    column = raw.column(name)
+    if pa.types.is_dictionary(column.type):
+        column = pc.cast(column, pa.string())
+    if not _is_text(column.type):
+        return None
+    return sorted(str(v) for v in pc.unique(column.drop_null()).to_pylist())
 
 
 def check_labels(table: pa.Table, source: str, num_labels: int | None = None) -> None:
@@ -312,6 +425,7 @@ def load_split(
     prompt_column: str | None = None,
     response_column: str | None = None,
     task: str | None = None,
+    hold_out: bool = True,
 ) -> pa.Table:
     """Load one split of a dataset as a table with the task's canonical columns.
 
@@ -327,10 +441,17 @@ def load_split(
     The result has columns ``text``, ``label`` (int64) for seq-cls, or ``prompt``, ``response``
     for causal-lm, renamed from ``*_column`` when given. The task is ``task`` if given, else
     implied by the column options or by which canonical columns the data has. Rows with null
-    values in those columns are dropped with a warning.
+    values in those columns are dropped with a warning. Class-name labels become the ids of the
+    training split's sorted names (a ClassLabel column keeps its ids); :func:`label_names` of the
+    result gives the names.
 
-    ``seed`` is accepted for interface stability and currently unused: demo splits are fixed and
-    file splits come from the files.
+    A dataset with only a train split gets validation and test held out of it, one without a
+    validation split a validation split (:func:`holdout`: 10% of the training rows each, fixed
+    seed); its "train" is then the rest. ``hold_out=False``: the split exactly as the files give
+    it (a missing split is an error).
+
+    ``seed`` is accepted for interface stability and unused: demo splits are fixed, file splits
+    come from the files, and held-out splits from HOLDOUT_SEED, whatever the run's seed.
     """
     del seed
     if task is not None and task not in TASKS:
@@ -345,9 +466,83 @@ def load_split(
         if task is not None and task != demo_task:
             raise ValueError(f"{name} is a {demo_task} dataset, not {task}")
         return select_columns(load_demo(name, split), f"{name} ({split})", demo_task, **columns)
-    sources = split_sources(name, split)
-    table = _concat([read_whole(p) for p in sources], _local_path(name))
-    return select_columns(table, f"{Path(name).expanduser()} ({split})", task, **columns)
+    where = Path(name).expanduser()
+    raw_train = _read_split(name, "train")  # the class names, and the rows a missing split comes from
+    names = train_label_names(raw_train, label_column) if task != "causal-lm" else None
+    canonical = _split_of(split) or split
+    missing = missing_splits(name) if hold_out else []
+    if missing and canonical in missing + ["train"]:
+        train = select_columns(raw_train, f"{where} (train)", task, **columns, label_names=names)
+        parts = holdout(train.num_rows, missing, str(where))
+        key = (str(where), tuple(missing))
+        if key not in _announced:
+            _announced.add(key)
+            log.warning("%s has no %s split: holding out %s of its %d training rows (%.0f%% each, rows chosen with "
+                        "the fixed seed %d, the same for every run)", where, " or ".join(missing),
+                        " and ".join(f"{len(parts[m])} for {m}" for m in missing), train.num_rows,
+                        100 * HOLDOUT_FRACTION, HOLDOUT_SEED)
+        return train.take(pa.array(parts[canonical]))
+    raw = raw_train if canonical == "train" else _read_split(name, split)
+    return select_columns(raw, f"{where} ({split})", task, **columns, label_names=names)
+
+
+def missing_splits(name_or_path: str | Path) -> list[str]:
+    """The splits of a local dataset that are held out of its training rows: ``validation`` when
+    it has none, and ``test`` too when it has only a train split. [] for a demo dataset."""
+    from .demo import DEMO_DATA_SPECS
+
+    if str(name_or_path) in DEMO_DATA_SPECS:
+        return []
+    absent = []
+    for split in ("validation", "test"):
+        try:
+            split_sources(name_or_path, split)
+        except DatasetNotFoundError:
+            raise
+        except ValueError:
+            absent.append(split)
+    if "validation" not in absent:
+        return []
+    return absent  # ["validation"] (it has a test split) or ["validation", "test"] (train only)
+
+
+def holdout(num_rows: int, missing: list[str], source: str = "the dataset") -> dict[str, np.ndarray]:
+    """Sorted row indices of each missing split (HOLDOUT_FRACTION of the training rows each,
+    at least one, chosen with HOLDOUT_SEED) and of the training rows left: disjoint, and the same
+    whatever the run."""
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(num_rows)
+    per = max(1, int(num_rows * HOLDOUT_FRACTION))
+    out, at = {}, 0
+    for split in ("validation", "test"):
+        if split in missing:
+            out[split] = np.sort(perm[at:at + per])
+            at += per
+    if num_rows - at < 1:
+        raise ValueError(f"{source} has no {' or '.join(missing)} split and only {num_rows} training rows: too few to "
+                         "hold some out. Add rows, or give the splits as files (validation.jsonl, test.jsonl).")
+    out["train"] = np.sort(perm[at:])
+    return out
+
+
+def _signature(paths: list[Path]) -> tuple:
+    files = []
+    for p in paths:
+        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            st = f.stat()
+            files.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(files)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(name: str, split: str, signature: tuple) -> pa.Table:
+    del signature  # part of the key only: a changed file is read again
+    return _concat([read_whole(p) for p in split_sources(name, split)], _local_path(name))
+
+
+def _read_split(name: str, split: str) -> pa.Table:
+    """The raw rows of a local dataset's split (cached while its files are unchanged: every split
+    reads the training split for its class names)."""
+    return _read_cached(name, split, _signature(split_sources(name, split)))
 
 
 def infer_task(table: pa.Table) -> str:

@@ -144,7 +144,7 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
     sample, info = read_sample(opts, task)
     times["read_s"] = time.perf_counter() - t0
     log.info("read: %d of %d rows sampled in %.1fs", sample.num_rows, info["dataset_rows"], times["read_s"])
-    num_labels = _num_labels(opts, task, info["max_label"])
+    num_labels = _num_labels(opts, task, info["max_label"], info.get("label_names"))
     plan = plan_workers("gradient workers", opts.workers, gpus_per_worker=opts.gpus_per_worker,
                         cpus_per_worker=opts.cpus_per_worker, address=opts.address,
                         resource_timeout=opts.resource_timeout)
@@ -346,6 +346,7 @@ def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gra
             "num_samples_requested": opts.num_samples,
             "task": task,
             "num_labels": num_labels if task == "seq-cls" else None,
+            "label_names": info.get("label_names"),
             "max_length": opts.max_length,
             "model_dtype": opts.dtype,
             "batch_size": grads.decision.batch_size,
@@ -391,9 +392,14 @@ def _summary(opts: InitOptions, info: dict, grads: _Gradients, plan: WorkerResou
     }
 
 
-def _num_labels(opts: InitOptions, task: str, max_label: int) -> int:
+def _num_labels(opts: InitOptions, task: str, max_label: int, names: list[str] | None = None) -> int:
     if task != "seq-cls":
         return 2  # unused by causal LMs
+    if names:
+        if opts.num_labels is not None and opts.num_labels != len(names):
+            raise ValueError(f"the data names {len(names)} classes but num_labels={opts.num_labels}; drop num_labels "
+                             "(the class names decide it) or fix the data.")
+        return max(2, len(names))
     if opts.num_labels is not None:
         if max_label >= opts.num_labels:
             raise ValueError(f"the data has label {max_label} but num_labels={opts.num_labels}; labels must be 0..num_labels-1.")

@@ -89,8 +89,8 @@ def read_pieces(batch: pa.Table, task: str, columns: dict) -> pa.Table:
 
     tables = []
     for source, split in zip(batch.column("source").to_pylist(), batch.column("split").to_pylist()):
-        if split:
-            tables.append(D.load_split(source, split, task=task, **columns))
+        if split:  # a demo dataset: its own splits and labels
+            tables.append(D.load_split(source, split, task=task, **{k: v for k, v in columns.items() if k != "label_names"}))
         else:  # a data file, or a split's subfolder: all of it, with load_split's column handling
             tables.append(D.select_columns(D.read_whole(Path(source)), source, task, **columns))
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
@@ -104,7 +104,8 @@ def select_block(batch: pa.Table, source: str, task: str, columns: dict) -> pa.T
 
 
 def read_dataset(opts: InitOptions, task: str):
-    """A Ray Dataset of the split's rows, canonical columns, in ``load_split`` order."""
+    """A Ray Dataset of the split's rows, canonical columns, in ``load_split`` order; class-name
+    labels mapped to the ids of the training split's sorted names. Returns (dataset, names)."""
     import ray
 
     columns = column_kwargs(opts)
@@ -116,12 +117,52 @@ def read_dataset(opts: InitOptions, task: str):
             ds = ray.data.read_csv(opts.data)
         else:  # a .parquet file or a prefix of parquet files
             ds = ray.data.read_parquet(opts.data)
-        return ds.map_batches(select_block, fn_kwargs=dict(source=opts.data, task=task, columns=columns),
-                              batch_format="pyarrow", batch_size=None)
+        names = _uri_label_names(ds, opts.label_column) if task == "seq-cls" else None
+        return ds.map_batches(select_block, fn_kwargs=dict(source=opts.data, task=task,
+                                                           columns=dict(columns, label_names=names)),
+                              batch_format="pyarrow", batch_size=None), names
+    names = local_label_names(opts.data, opts.label_column) if task == "seq-cls" else None
     units = read_units(opts.data, opts.split)
     items = ray.data.from_items([{"source": s, "split": p} for s, p in units], override_num_blocks=len(units))
-    return items.map_batches(read_pieces, fn_kwargs=dict(task=task, columns=columns),
-                             batch_format="pyarrow", batch_size=1)
+    return items.map_batches(read_pieces, fn_kwargs=dict(task=task, columns=dict(columns, label_names=names)),
+                             batch_format="pyarrow", batch_size=1), names
+
+
+def local_label_names(data: str, label_column: str | None) -> list[str] | None:
+    """The class names every split of a local dataset is mapped with (None: class ids, or a
+    demo dataset): the training split's, as ``load_split`` takes them."""
+    from ..data import DEMO_DATASETS, train_label_names
+    from ..data.sources import _class_label_names, _read_split
+
+    if data in DEMO_DATASETS:
+        return None
+    raw = _read_split(data, "train")
+    return train_label_names(raw, label_column) or _class_label_names(raw.schema, label_column or "label")
+
+
+def _uri_label_names(ds, label_column: str | None) -> list[str] | None:
+    """Sorted class names of a remote dataset whose label column holds strings (one pass of
+    Ray Data over that column), else None."""
+    name = label_column or "label"
+    schema = ds.schema()
+    if schema is None or name not in schema.names:
+        return None
+    kind = schema.types[schema.names.index(name)]
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind)):
+        return None
+    return sorted(str(v) for v in ds.unique(name) if v is not None)
+
+
+def _kept_train_rows(opts: InitOptions, total: int) -> np.ndarray:
+    """Row indices (of the split as read) the sample may use: for a local dataset without a
+    validation (or test) split, the training rows ``load_split`` keeps after holding those out."""
+    from ..data import DEMO_DATASETS, holdout, missing_splits
+    from ..data.sources import _split_of
+
+    if is_uri(opts.data) or opts.data in DEMO_DATASETS or (_split_of(opts.split) or opts.split) != "train":
+        return np.arange(total)
+    missing = missing_splits(opts.data)
+    return holdout(total, missing, opts.data)["train"] if missing else np.arange(total)
 
 
 def _block_stats(block: pa.Table) -> tuple[int, int]:
@@ -156,7 +197,7 @@ def read_sample(opts: InitOptions, task: str) -> tuple[pa.Table, dict]:
 
     from ..data import sample_indices, table_fingerprint
 
-    ds = read_dataset(opts, task)
+    ds, names = read_dataset(opts, task)
     try:
         refs = ds.to_arrow_refs()
         stats = ray.get([_remote(_block_stats).remote(r) for r in refs])
@@ -166,7 +207,9 @@ def read_sample(opts: InitOptions, task: str) -> tuple[pa.Table, dict]:
     total = int(sum(counts))
     if total == 0:
         raise ValueError(f"dataset {opts.data!r} (split {opts.split!r}) has no rows with the needed columns.")
-    indices, too_small = sample_indices(total, opts.num_samples, opts.seed)
+    kept = _kept_train_rows(opts, total)  # rows held out as validation / test are never sampled
+    indices, too_small = sample_indices(len(kept), opts.num_samples, opts.seed)
+    indices = kept[indices]
     if too_small:
         warnings.warn(
             f"asked for {opts.num_samples} samples but {opts.data} ({opts.split}) has only {total} rows; "
@@ -182,7 +225,8 @@ def read_sample(opts: InitOptions, task: str) -> tuple[pa.Table, dict]:
     sample = pa.concat_tables(tables, promote_options="default").combine_chunks()
     del refs  # the full blocks can go now
     info = {
-        "dataset_rows": total,
+        "dataset_rows": len(kept),
+        "label_names": names,
         "num_samples_requested": opts.num_samples,
         "sample_too_small": bool(too_small),
         "dataset_fingerprint": table_fingerprint(sample),

@@ -103,6 +103,7 @@ def write_outputs(opts: TrainOptions, result, out: Path, mlflow_run_id: str | No
     metrics.json and loss_curve.png; log them to MLflow. Returns the metrics."""
     from .. import tracking
     from ..plots import plot_loss_curve
+    from ..training.checkpoints import label_maps
 
     checkpoint = result.checkpoint
     if checkpoint is None:
@@ -127,6 +128,7 @@ def write_outputs(opts: TrainOptions, result, out: Path, mlflow_run_id: str | No
             "init": opts.init, "model": opts.model, "data": opts.data, "total_steps": state.get("total_steps"),
             "steps": state.get("step"), "wall_s": wall_s, "output": str(out / kind) if done else None,
             "checkpoint": checkpoint.path, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
+            **(label_maps(state["label_names"]) if state.get("label_names") else {}),
         },
     })
     plot_loss_curve(history, out / LOSS_CURVE_FILE, title=f"{opts.init} r={opts.rank} lr={opts.lr:g} on {Path(str(opts.data)).name}")

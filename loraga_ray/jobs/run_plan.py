@@ -34,6 +34,10 @@ class RunPlan:
     target_modules: list[str]
     shapes: dict[str, tuple[int, int]]  # (d_out, d_in) of the default targets
     heads: list[str] = field(default_factory=list)  # new heads, trained in full (modules_to_save)
+    label_names: list[str] | None = None  # class id -> name, when the data named its classes
+
+    def id2label(self) -> dict[int, str] | None:
+        return {i: n for i, n in enumerate(self.label_names)} if self.label_names else None
 
 
 def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPlan:
@@ -46,7 +50,7 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
     task = infer_task(train_table)
     spec = resolve_model(opts.model, task, allow_pickle_weights=opts.allow_pickle_weights)
     num_labels = _num_labels(opts, train_table, task)
-    train_table, eval_table, eval_source = _eval_table(opts, train_table)
+    eval_table, eval_source = _eval_table(opts)
     if task == "seq-cls":
         from ..data import check_labels
 
@@ -61,8 +65,10 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
     model = meta_model(spec, num_labels=num_labels)
     names = find_target_modules(model, opts.target_modules)
     shapes = target_shapes(model, names)
+    from ..data import label_names
+
     plan = RunPlan(spec, task, num_labels, train_table, eval_table, eval_source, total_steps, steps_per_epoch, names,
-                   shapes, new_head_modules(model, task))
+                   shapes, new_head_modules(model, task), label_names(train_table) if task == "seq-cls" else None)
     check_rank(opts, shapes)
     if opts.init in ARTIFACT_INITS and artifact is not None:
         check_artifact_fits(opts, plan, artifact, model)
@@ -72,43 +78,30 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
 def _num_labels(opts: TrainOptions, train_table, task: str) -> int:
     if task != "seq-cls":
         return 2  # unused by causal LMs
-    import pyarrow.compute as pc
-
-    hi = pc.max(train_table["label"]).as_py()  # negative labels were refused by load_split
-    if hi is None:
-        raise ValueError(f"{opts.data} has no training rows.")
-    return max(2, int(hi) + 1)
-
-
-def _eval_table(opts: TrainOptions, train_table):
-    """(train, eval, description): the validation split, else 10% of train held out by seed."""
-    import pyarrow as pa
-
-    from ..data import load_split, sample_table
+    from ..data import num_classes
 
     try:
-        table = load_split(opts.data, "validation", seed=opts.seed, **load_kwargs(opts))
-        source = "validation split"
-    except ValueError as e:
-        if "split" not in str(e):
-            raise
-        n = train_table.num_rows
-        n_eval = max(1, n // 10)
-        if n - n_eval < 1:
-            raise ValueError(f"{opts.data} has no validation split and only {n} training rows: too few to hold "
-                             "some out for evaluation.")
-        perm = np.random.default_rng([opts.seed, 7919]).permutation(n)
-        eval_idx, train_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
-        log.warning("%s has no validation split: holding out %d of %d training rows (seed %d) for evaluation.",
-                    opts.data, n_eval, n, opts.seed)
-        table, train_table = train_table.take(pa.array(eval_idx)), train_table.take(pa.array(train_idx))
-        source = f"{n_eval} rows held out of train (seed {opts.seed})"
+        return num_classes(train_table)  # its class names, else the largest id + 1
+    except ValueError:
+        raise ValueError(f"{opts.data} has no training rows.") from None
+
+
+def _eval_table(opts: TrainOptions):
+    """(eval rows, description): the validation split (held out of train, by a fixed seed, when
+    the data has none: :func:`loraga_ray.data.holdout`), sampled down to --eval-samples."""
+    from ..data import load_split, missing_splits, sample_table
+    from ..data.sources import HOLDOUT_SEED
+
+    table = load_split(opts.data, "validation", seed=opts.seed, **load_kwargs(opts))
+    source = "validation split"
+    if "validation" in missing_splits(opts.data):
+        source = f"validation: {table.num_rows} rows held out of train (fixed seed {HOLDOUT_SEED})"
     if opts.eval_samples is not None and table.num_rows > opts.eval_samples:
         table = sample_table(table, opts.eval_samples, opts.seed)
         source += f", {opts.eval_samples} sampled"
     if table.num_rows == 0:
         raise ValueError(f"the evaluation split of {opts.data} is empty.")
-    return train_table, table, source
+    return table, source
 
 
 def check_rank(opts: TrainOptions, shapes: dict[str, tuple[int, int]]) -> None:

@@ -22,6 +22,7 @@ that is ``<out>/ray`` and ``train``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -98,6 +99,9 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | Non
     if plan is not None:
         params.update(task=plan.task, total_steps=plan.total_steps, eval_source=plan.eval_source,
                       num_target_modules=len(plan.target_modules))
+        if plan.label_names:
+            labels = json.dumps(plan.id2label())
+            params["id2label"] = labels if len(labels) <= 6000 else f"{len(plan.label_names)} classes (see metrics.json)"
     tags = {"loraga.init": opts.init, "loraga.out": str(opts.out)}
     name = opts.run_name or (f"{opts.init} lr={opts.lr:g}" if opts.init == "full" else f"{opts.init} r={opts.rank} lr={opts.lr:g}")
     return tracking.create_run(tracking_uri, opts.experiment, params=params, run_name=name,
@@ -151,6 +155,7 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
         "spec": plan.spec,
         "task": plan.task,
         "num_labels": plan.num_labels,
+        "label_names": plan.label_names,
         "total_steps": plan.total_steps,
         "steps_per_epoch": plan.steps_per_epoch,
         "warmup_steps": warmup_steps(opts.warmup_ratio, plan.total_steps),

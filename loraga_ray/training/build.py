@@ -34,7 +34,7 @@ def artifact_from_payload(payload: dict) -> InitArtifact:
 
 
 def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None,
-                dtype: str = "float32"):
+                dtype: str = "float32", label_names: list[str] | None = None):
     """The base model (seeded head) with the chosen init applied, on CPU.
 
     The base is loaded in ``dtype`` (LoRA-GA's W0 - eta*B0A0 is computed per layer in float32
@@ -54,6 +54,7 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
 
     load_dtype = torch.float32 if opts.init == "full" else TORCH_DTYPES[dtype]
     model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed, dtype=load_dtype)
+    set_label_names(model, label_names)
     heads = new_head_modules(model, task)
     if opts.init == "full":
         for p in model.parameters():
@@ -107,6 +108,13 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
             state.B0[name] = layer.lora_B["default"].weight.detach().float().cpu().clone()
         set_init_state(peft_model, state)
     return peft_model
+
+
+def set_label_names(model, names: list[str] | None) -> None:
+    """The data's class names as the model config's id2label / label2id (saved with the model)."""
+    if names:
+        model.config.id2label = {i: n for i, n in enumerate(names)}
+        model.config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def note_head_seed(opts: TrainOptions, artifact: InitArtifact) -> None:

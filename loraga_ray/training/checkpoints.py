@@ -16,6 +16,12 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 INIT_STATE_DIR = "init_state"
 EXPORT_DIR = "export"
+LABELS_FILE = "labels.json"  # beside an exported adapter: the data's class names
+
+
+def label_maps(names: list[str]) -> dict:
+    """id2label / label2id, as Hugging Face configs hold them."""
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
 
 
 def unwrap_ddp(model):
@@ -130,10 +136,13 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
     return state
 
 
-def write_deliverable(folder: Path, model, init: str, tokenizer, *, rank: int = 0) -> None:
+def write_deliverable(folder: Path, model, init: str, tokenizer, *, rank: int = 0,
+                      label_names: list[str] | None = None) -> None:
     """The deliverable, inside the final checkpoint: adapter/ for the original base, or model/.
     Every rank calls it (under FSDP the trainable tensors are gathered: only the adapter's and
-    the new heads', never the base's); rank 0 writes."""
+    the new heads', never the base's); rank 0 writes. The data's class names are in model/'s
+    config.json (id2label / label2id) or, beside an adapter, in labels.json (the same two maps,
+    to pass to ``from_pretrained`` of the base)."""
     from .strategy import full_tensor
 
     plain = unwrap_ddp(model)
@@ -144,4 +153,6 @@ def write_deliverable(folder: Path, model, init: str, tokenizer, *, rank: int = 
             plain.save_pretrained(str(target), state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(str(target))
     else:
-        save_adapter(plain, Path(folder) / EXPORT_DIR / "adapter", write=rank == 0)
+        target = save_adapter(plain, Path(folder) / EXPORT_DIR / "adapter", write=rank == 0)
+        if rank == 0 and label_names:
+            (target / LABELS_FILE).write_text(json.dumps(label_maps(label_names), indent=1))

@@ -7,15 +7,19 @@ every reported test figure also checks the adapter round trip."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
 
-from .checkpoints import unwrap_ddp
+from .build import set_label_names
+from .checkpoints import LABELS_FILE, unwrap_ddp
 
 
 def load_finished(model: str, run_out: str | Path, *, num_labels: int = 2, seed: int = 0):
-    """The trained model of a run folder: ``adapter/`` on the original base, or ``model/`` (full)."""
+    """The trained model of a run folder: ``adapter/`` on the original base, or ``model/`` (full).
+    An adapter trained on named classes carries them (labels.json): the base gets that many
+    labels and their names."""
     from peft import PeftModel
 
     from ..models import load_model, resolve_model
@@ -27,10 +31,17 @@ def load_finished(model: str, run_out: str | Path, *, num_labels: int = 2, seed:
 
         quiet = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the base's head is "missing": the adapter carries the trained one
+        labels_file = run_out / "adapter" / LABELS_FILE
+        names = None
+        if labels_file.is_file():
+            maps = json.loads(labels_file.read_text())
+            names = [maps["id2label"][str(i)] for i in range(len(maps["id2label"]))]
+            num_labels = len(names)
         try:
             base = load_model(spec, num_labels=num_labels, seed=seed)
         finally:
             hf_logging.set_verbosity(quiet)
+        set_label_names(base, names)
         return PeftModel.from_pretrained(base, str(run_out / "adapter")).eval(), spec
     if (run_out / "model").is_dir():
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -157,7 +157,9 @@ class WorkerRun:
         self.tokenizer = load_tokenizer(config["spec"])
         artifact = artifact_from_payload(ray.get(config["artifact_ref"])) if config.get("artifact_ref") is not None else None
         torch.manual_seed(self.opts.seed)
-        model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact, dtype=self.dtype)
+        self.label_names = config.get("label_names")
+        model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact, dtype=self.dtype,
+                            label_names=self.label_names)
         del artifact
         self.model = prepare(model, strategy=self.strategy, device=self.device, dtype=self.dtype,
                              activation_checkpointing=self.opts.activation_checkpointing, world=self.world)
@@ -242,7 +244,8 @@ class WorkerRun:
                 "plain LoRA's); lower --lr and start again."
             )
         return {"step": step, "train_loss": float(stats[0]), "lr": lr, "grad_norm": float(stats[1]),
-                "epoch": step / self.config["steps_per_epoch"]}
+                "epoch": step / self.config["steps_per_epoch"],
+                "elapsed_s": time.perf_counter() - self.t_start}  # seconds of training (and evaluation) so far
 
     def evaluate(self) -> dict:
         """Eval metrics; each worker evaluates every world-th batch of the eval rows."""
@@ -293,9 +296,11 @@ class WorkerRun:
             save_checkpoint(tmp, self.model, self.optimizer,
                             {"step": step, "total_steps": self.total, "history": self.history, "done": done,
                              "init": self.opts.init, "seed": self.opts.seed, "train_strategy": self.strategy,
-                             "dtype": self.dtype}, rank=self.rank, world=self.world, sharded=self.sharded)
+                             "dtype": self.dtype, "label_names": self.label_names}, rank=self.rank, world=self.world,
+                            sharded=self.sharded)
         if checkpoint_now and done and tmp is not None:
-            write_deliverable(tmp, self.model, self.opts.init, self.tokenizer, rank=self.rank)  # gathers under FSDP
+            write_deliverable(tmp, self.model, self.opts.init, self.tokenizer, rank=self.rank,  # gathers under FSDP
+                              label_names=self.label_names)
         try:
             ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)) if tmp else None)
         finally:
