@@ -24,3 +24,24 @@ def final_train_loss(history, window: int = 10) -> float:
     losses = [h["train_loss"] for h in history if h.get("train_loss") is not None]
     tail = losses[-window:]
     return sum(tail) / len(tail)
+
+
+def collapsed(history, window: int = 10) -> bool:
+    """A run that diverged or collapsed: its final training loss (mean of the last ``window``)
+    ends above its start (mean of the first ``window``), or it gave back more than half of the
+    drop it had made (final - best > (start - best) / 2, ``best`` the lowest ``window``-step mean),
+    as a run that falls back to predicting the majority class does. A steps-to-loss figure would
+    say nothing about such a run."""
+    losses = [h["train_loss"] for h in history if h.get("train_loss") is not None]
+    if len(losses) < 2 * window:
+        return False
+    means = moving_mean(losses, window)[window - 1:]
+    start, final, best = means[0], means[-1], min(means)
+    return final > start or (start - best > 0 and final - best > (start - best) / 2)
+
+
+def first_train_loss(history, window: int = 10) -> float:
+    """Mean of the first ``window`` training losses."""
+    losses = [h["train_loss"] for h in history if h.get("train_loss") is not None]
+    head = losses[:window]
+    return sum(head) / len(head)

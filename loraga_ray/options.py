@@ -430,23 +430,27 @@ def from_dict(cls, values: dict):
 @dataclass
 class DemoOptions:
     """``loraga-ray demo``: LoRA-GA against plain LoRA, end to end. Unset values follow the demo
-    model (see :func:`loraga_ray.jobs.demo.resolve_defaults`)."""
+    model: the budget (steps, batch, length, evaluation) and learning rates at which the
+    convergence benchmark chose them (see :func:`loraga_ray.jobs.demo.resolve_defaults`)."""
 
     model: str = opt("demo-minilm", "demo-minilm, demo-smollm2 or a local HF folder")
     data: str | None = opt(None, "default: demo-rotten-tomatoes for demo-minilm, demo-arithmetic for demo-smollm2")
     out: str = opt("runs/demo", "output folder")
     rank: int = opt(8, "LoRA rank r")
     alpha: float = opt(16.0, "LoRA alpha")
-    max_steps: int | None = opt(None, "training steps per method (default: 200 for demo-minilm, 100 otherwise)")
-    batch_size: int = opt(16, "global batch size")
-    eval_every: int = opt(50, "evaluate every K steps")
+    max_steps: int | None = opt(None, "training steps per method (default: the benchmark's budget for --model)")
+    batch_size: int | None = opt(None, "global batch size (default: the benchmark's)")
+    eval_every: int | None = opt(None, "evaluate every K steps (default: every 5 over the first 40, and at the end)")
     eval_samples: int = opt(256, "validation examples evaluated during training")
     test_samples: int | None = opt(None, "cap on test examples (default: all for classification, 200 for generation)")
     init_samples: int = opt(256, "examples in the LoRA-GA gradient estimate", aliases=("--num-samples",))
-    max_length: int = opt(64, "tokens per example")
+    max_length: int | None = opt(None, "tokens per example (default: the benchmark's)")
     lr_lora_ga: float | None = opt(None, "LoRA-GA's learning rate (default: the benchmark's choice for --model)")
     lr_lora: float | None = opt(None, "LoRA's learning rate (default: the benchmark's choice for --model)")
+    head_lr: float | None = opt(None, "learning rate of the new classifier head, for both methods (default: the "
+                                      "benchmark's rule)")
     workers: int = opt(1, "gradient and training workers")
     seed: int = opt(0, "seed")
+    verbose: bool = opt(False, "also show Ray's and transformers' own logs and warnings")
     address: str | None = opt(None, "Ray cluster address (default: an embedded local Ray)")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: sqlite in --out)")

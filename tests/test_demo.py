@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from loraga_ray.curves import final_train_loss, steps_to_reach
+from loraga_ray.curves import collapsed, final_train_loss, steps_to_reach
+from loraga_ray.jobs.demo import DEFAULT_LR, DEMO_BUDGETS, _table, resolve_defaults
+from loraga_ray.options import DemoOptions
 
 
 def test_steps_to_reach_uses_a_moving_mean():
@@ -15,6 +17,24 @@ def test_steps_to_reach_uses_a_moving_mean():
     assert steps_to_reach(hist, 0.4, window=2) == 5
     assert steps_to_reach(hist, 0.1, window=2) is None
     assert final_train_loss(hist, window=4) == pytest.approx(0.35)
+
+
+def test_collapsed_runs_are_flagged_not_timed():
+    up_then_back = [{"step": i + 1, "train_loss": v} for i, v in enumerate([0.70] * 10 + [0.60] * 30 + [0.69] * 40)]
+    steady = [{"step": i + 1, "train_loss": 0.7 - 0.004 * i} for i in range(80)]
+    assert collapsed(up_then_back) and not collapsed(steady)
+    args = resolve_defaults(DemoOptions())
+    assert (args.max_steps, args.batch_size, args.max_length) == tuple(DEMO_BUDGETS["demo-minilm"][k] for k in (
+        "max_steps", "batch_size", "max_length"))  # the budget its learning rates were chosen at
+    rows = [dict(method="lora-ga", lr=1e-4, test_accuracy=0.8, test_loss=0.5, first_train_loss=0.7, final_train_loss=0.4,
+                 collapsed=False, steps_to_lora_final_loss=None, wall_s=1.0),
+            dict(method="lora", lr=1e-3, test_accuracy=0.5, test_loss=0.7, first_train_loss=0.7, final_train_loss=0.69,
+                 collapsed=True, steps_to_lora_final_loss=None, wall_s=1.0)]
+    text = _table(rows, "test_accuracy", None, args)
+    assert "diverged / collapsed" in text and "steps to LoRA" not in text.split("\n\n")[1]
+    rows[1]["collapsed"], rows[0]["steps_to_lora_final_loss"] = False, 12
+    text = _table(rows, "test_accuracy", 0.69, args)
+    assert "| 12 |" in text and "(the reference)" in text
 
 
 def _test_accuracy_by_hand(run_dir, n: int, seed: int, max_length: int) -> tuple[float, float]:
@@ -62,12 +82,17 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
         history = json.loads((out / method / "metrics.json").read_text())["history"]
         assert [h["step"] for h in history] == [1, 2, 3, 4] and r["steps"] == 4 and r["mlflow_run_id"]
         assert r["final_train_loss"] == pytest.approx(final_train_loss(history))
-        assert r["lr"] == {"lora-ga": 1e-4, "lora": 1e-3}[method]  # the demo model's defaults
+        assert r["lr"] == DEFAULT_LR["demo-minilm"][method]  # the demo model's defaults
     meta = json.loads((out / "init" / "meta.json").read_text())
     assert meta["num_examples"] == 16 and meta["max_rank"] == 8
     assert (out / "loss_curves.png").stat().st_size > 1000
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| lora-ga |" in printed and "| lora |" in printed and (out / "summary.md").read_text() in printed
+    # every run shows its steps; without --verbose no load reports or deprecation warnings
+    assert printed.count("[loraga-ray train] step 4/4") == 2, printed[-3000:]
+    for noise in ("LOAD REPORT", "DeprecationWarning", "FutureWarning"):
+        assert noise not in printed + captured.err
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
