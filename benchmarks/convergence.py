@@ -1,29 +1,34 @@
 """Does LoRA-GA reach full fine-tuning quality and converge faster than LoRA? Measured offline.
 
-Runs through loraga-ray's own ``tune`` machinery:
+Runs through loraga-ray's own ``tune`` machinery, with every choice made on the validation split
+and fixed here before any test result:
 
-1. learning-rate selection: one search over every method x the SAME lr grid, seed 0; each method's
-   lr is chosen on the validation split (accuracy / exact match, ties by eval loss); the grid is
-   fixed here, before any test result;
-2. seeds: one search per method, at its chosen lr, over the other seeds;
-3. test metrics: each finished trial's exported adapter (or full weights) is loaded onto a fresh,
-   unmodified base and evaluated on the test split;
-4. convergence: steps each method's training loss (10-step moving mean) needs to reach plain LoRA's
-   final training loss under the same seed.
+0. one init artifact per seed (256 training examples drawn with that seed): LoRA-GA and LoRA-One
+   both start from it, and its classifier head is the head every method at that seed starts from;
+1. seed 0: every method x the SAME lr grid; for a classifier also under both head rules (the new
+   head at the adapter's lr, "tied", or at max(lr, HEAD_FLOOR), "floor"); the rule with the higher
+   mean over methods of each method's best validation score is used for every method from then
+   on; each method's lr is its best on validation (accuracy / exact match, ties by eval loss);
+   a best lr on the grid's edge adds one point beyond it, for every method, once;
+2. seeds 1, 2: protocol (b), each method at its chosen lr, and protocol (a), the LoRA-GA paper's,
+   every LoRA method at the one SHARED_LR (full fine-tuning stays at its own lr, as the reference);
+3. test metrics, last: each reported trial's exported adapter (or full weights) loaded onto a
+   fresh, unmodified base and evaluated on the test split;
+4. convergence: steps each method's training loss (10-step moving mean) needs to reach plain
+   LoRA's final training loss under the same seed and protocol; a run whose loss ends above its
+   start, or gives back more than half its drop, is flagged "collapsed" instead. Eval loss every
+   5 steps over the first 40, plotted, shows the early phase.
 
-The LoRA-GA trials of an experiment share one gradient estimate (max rank 32, so the rank
-ablation can use it too). Ablations (minilm): LoRA-GA at rank 32, and with ``scale=unit``
-(no stable scale), at LoRA-GA's chosen lr, all seeds.
-
-    python benchmarks/convergence.py                      # both experiments, CPU sizes
-    python benchmarks/convergence.py --experiments minilm
+    python benchmarks/convergence.py                      # minilm, the default run (2 CPU cores)
+    python benchmarks/convergence.py --experiments minilm,smollm2
     python benchmarks/convergence.py --device cuda        # larger GPU_SETTINGS, full FT of SmolLM2 too
     python benchmarks/convergence.py --report-only        # tables and plots from the saved JSON
 
 Raw results: benchmarks/results/convergence/<experiment>.json; tables: convergence_<exp>.md;
-plots: convergence_<exp>_loss.png, convergence_<exp>_metric.png; the headline over both
-experiments: convergence.md and convergence_loss.png. A stopped run resumes where it was (each
-search resumes from its folder under --work).
+plots: convergence_<exp>_loss.png (train loss), convergence_<exp>_early.png (eval loss, first
+40 steps), convergence_<exp>_metric.png; the headline over the experiments: convergence.md and
+convergence_loss.png. A stopped run resumes where it was (each search resumes from its folder
+under --work).
 """
 
 from __future__ import annotations
@@ -40,28 +45,40 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the checkout's loraga_ray, also when run as a script
+
+from loraga_ray.jobs.demo import DEMO_BUDGETS, EARLY_EVERY, EARLY_UNTIL  # noqa: E402  the demo runs at this budget
 RESULTS = HERE / "results"
 
 # The same for every method, fixed before the runs whose results are reported. (A first run with
 # {1e-4, 1e-3} left PiSSA at the majority class on validation at both points, so 3e-4 was added.)
 LR_GRID = [1e-4, 3e-4, 1e-3]
 SEEDS = [0, 1, 2]
+# Protocol (a), the LoRA-GA paper's: one lr for every LoRA method. 1e-4, a point of the grid, the
+# lr at which full fine-tuning did best on validation in this benchmark's earlier runs.
+SHARED_LR = 1e-4
+# The head rules compared on validation (classifiers): the new head at the adapter's lr ("tied"),
+# or at max(lr, HEAD_FLOOR) ("floor"), the same rule for every method.
+HEAD_FLOOR = 1e-3
+BUDGET = {k: {f: v for f, v in b.items() if f != "data"} for k, b in DEMO_BUDGETS.items()}
 
 EXPERIMENTS = {
     # the GLUE/SST-2 analogue
-    "minilm": dict(model="demo-minilm", data="demo-rotten-tomatoes", methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga"],
-                   max_steps=80, batch_size=16, max_length=64, eval_every=80, eval_samples=256, test_limit=None,
-                   lr_grid=LR_GRID, seeds=SEEDS, ablations=True),
+    "minilm": dict(model="demo-minilm", data="demo-rotten-tomatoes",
+                   methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga", "lora-one"],
+                   **BUDGET["demo-minilm"], eval_every=BUDGET["demo-minilm"]["max_steps"], eval_samples=256,
+                   test_limit=None, lr_grid=LR_GRID, seeds=SEEDS),
     # the GSM8K analogue; full fine-tuning of 135M parameters does not fit the CPU budget
-    "smollm2": dict(model="demo-smollm2", data="demo-arithmetic", methods=["lora", "pissa", "peft-lora-ga", "lora-ga"],
-                    max_steps=60, batch_size=8, max_length=48, eval_every=60, eval_samples=64, test_limit=200,
-                    lr_grid=LR_GRID, seeds=SEEDS, ablations=False),
+    "smollm2": dict(model="demo-smollm2", data="demo-arithmetic",
+                    methods=["lora", "pissa", "peft-lora-ga", "lora-ga", "lora-one"],
+                    **BUDGET["demo-smollm2"], eval_every=BUDGET["demo-smollm2"]["max_steps"], eval_samples=64,
+                    test_limit=200, lr_grid=LR_GRID, seeds=SEEDS),
 }
 # Larger settings for a GPU (`--device cuda`): longer runs, full evaluation splits, and full
 # fine-tuning of SmolLM2 too. Results go to <experiment>_gpu.json so the CPU figures stay.
 GPU_SETTINGS = {
     "minilm": dict(max_steps=300, batch_size=32, max_length=128, eval_every=100, eval_samples=1024),
-    "smollm2": dict(methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga"], max_steps=300, batch_size=16,
+    "smollm2": dict(methods=["full", "lora", "pissa", "peft-lora-ga", "lora-ga", "lora-one"], max_steps=300, batch_size=16,
                     max_length=64, eval_every=100, eval_samples=256, test_limit=None),
 }
 RANK, ALPHA = 8, 16.0
@@ -71,24 +88,25 @@ EXTEND_EDGES = True  # the edge rule of edge_points(); --no-extend-edges turns i
 
 
 def _space_file(folder: Path, values: dict) -> str:
+    """The space beside the search's folder (a search refuses an --out holding files it did not write)."""
     import yaml
 
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "space.yaml"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f"{folder.name}.space.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return str(path)
 
 
 def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, seed: int = 0, **over):
-    from loraga_ray.options import TrainOptions
     from loraga_ray.jobs.search import SearchOptions, search
+    from loraga_ray.options import TrainOptions
 
     base = TrainOptions(
-        model=exp["model"], data=exp["data"], out=str(out), init=init, artifact=artifact if init == "lora-ga" else None,
+        model=exp["model"], data=exp["data"], out=str(out), init=init, artifact=artifact,
         rank=over.get("rank", RANK), alpha=ALPHA, scale=over.get("scale", "stable"), lr=over.get("lr", 1e-4),
         max_steps=exp["max_steps"], batch_size=exp["batch_size"], max_length=exp["max_length"],
-        eval_every=exp["eval_every"], eval_samples=exp["eval_samples"], seed=seed, workers=1, device=DEVICE,
-        experiment=f"convergence-{exp['model']}",
+        eval_every=exp["eval_every"], eval_samples=exp["eval_samples"], eval_early_every=EARLY_EVERY,
+        eval_early_until=EARLY_UNTIL, seed=seed, workers=1, device=DEVICE, experiment=f"convergence-{exp['model']}",
     )
     sopts = SearchOptions(space=_space_file(out, space), num_samples=1, max_concurrent=MAX_CONCURRENT,
                           grace_period=exp["max_steps"], name="search", resume=(out / "search.json").exists())
@@ -96,25 +114,37 @@ def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, 
 
 
 def _trial_record(exp: dict, trial_out: Path, row: dict, task_metric: str) -> dict:
+    """A finished trial as the record keeps it; its test metric comes later (:func:`_attach_test`),
+    only for the runs a comparison reports, after every choice was made on validation."""
     from loraga_ray.curves import final_train_loss
-    from loraga_ray.training.evaluate import evaluate_split, load_finished
 
     metrics = json.loads((trial_out / "metrics.json").read_text())
     history = metrics["history"]
+    val_key = task_metric.replace("test_", "eval_")
+    return {"config": {k: row.get(k) for k in ("init", "lr", "seed", "rank", "scale", "head_lr")},
+            "val": {k: row.get(k) for k in ("eval_loss", "eval_accuracy", "eval_exact_match")},
+            "history": [{k: h.get(k) for k in ("step", "train_loss", "eval_loss", val_key)} for h in history],
+            "final_train_loss": final_train_loss(history), "time_s": row.get("time_s"),
+            "train_s": history[-1].get("elapsed_s") if history else None, "trial_out": str(trial_out)}
+
+
+def _attach_test(exp: dict, run: dict) -> None:
+    """Evaluate one reported run's exported adapter (or weights) on the test split, loaded onto a
+    fresh, unmodified base (cached in its trial folder)."""
+    from loraga_ray.training.evaluate import evaluate_split, load_finished
+
+    if "test" in run:
+        return
+    trial_out = Path(run["trial_out"])
     cache = trial_out / "test_eval.json"  # a resumed run does not evaluate a finished trial again
     key = {"data": exp["data"], "max_length": exp["max_length"], "limit": exp["test_limit"]}
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:
-        test = cached["test"]
-    else:
-        model, spec = load_finished(exp["model"], trial_out, seed=row.get("seed", 0))
-        test = evaluate_split(model, spec, exp["data"], "test", max_length=exp["max_length"], limit=exp["test_limit"])
-        cache.write_text(json.dumps({"key": key, "test": test}))
-    return {"config": {k: row.get(k) for k in ("init", "lr", "seed", "rank", "scale")},
-            "val": {k: row.get(k) for k in ("eval_loss", "eval_accuracy", "eval_exact_match")},
-            "test": test, "history": [{k: h.get(k) for k in ("step", "train_loss", "eval_loss", task_metric.replace("test_", "eval_"))}
-                                      for h in history],
-            "final_train_loss": final_train_loss(history), "time_s": row.get("time_s"), "trial": trial_out.name}
+        run["test"] = cached["test"]
+        return
+    model, spec = load_finished(exp["model"], trial_out, seed=run["config"]["seed"])
+    run["test"] = evaluate_split(model, spec, exp["data"], "test", max_length=exp["max_length"], limit=exp["test_limit"])
+    cache.write_text(json.dumps({"key": key, "test": run["test"]}))
 
 
 def _rows_with_outputs(res):
@@ -137,25 +167,69 @@ def edge_points(grid: list[float], chosen: dict[str, float]) -> list[float]:
     return new
 
 
-def _folder_for_lr(folder: Path, lr: float) -> Path:
-    """A stage's search folder; a different lr than the one it holds gets a folder of its own, so
-    a resumed run never mixes searches."""
-    import yaml
-
-    space = folder / "space.yaml"
-    if not space.exists() or math.isclose(float((yaml.safe_load(space.read_text()) or {}).get("lr", lr)), lr):
-        return folder
-    return folder.with_name(f"{folder.name}_lr{lr:g}")
+def head_lr_of(rule: str, lr: float) -> float | None:
+    """The head's lr under a rule: ``tied`` trains it at the adapter's lr (None: --head-lr
+    unset); ``floor`` at max(lr, HEAD_FLOOR), the same for every method."""
+    if rule == "tied" or lr >= HEAD_FLOOR:
+        return None
+    return HEAD_FLOOR
 
 
-def _choose(done: list, val_metric: str):
-    return max(done, key=lambda rt: ((rt[0].get(val_metric) or 0.0), -(rt[0].get("eval_loss") or 1e9)))
+def _rule_of(run: dict) -> set[str]:
+    """The head rules a run was trained under (at lr >= HEAD_FLOOR both rules are the same run)."""
+    lr, head = run["config"]["lr"], run["config"].get("head_lr")
+    if head is None:
+        return {"tied", "floor"} if lr >= HEAD_FLOOR else {"tied"}
+    return {"floor"} if math.isclose(head, HEAD_FLOOR) and lr < HEAD_FLOOR else set()
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6)
+
+
+def _choose(runs: list, val_metric: str) -> dict:
+    """The best run on the validation split (the task metric, ties by eval loss)."""
+    return max(runs, key=lambda r: ((r["val"].get(val_metric) or 0.0), -(r["val"].get("eval_loss") or 1e9)))
+
+
+def protocol_runs(record: dict, protocol: str) -> list:
+    """The runs of one comparison. (b): every method at its best validation lr from the shared
+    grid; (a): every LoRA method at the one shared lr, full fine-tuning at its best lr as the
+    reference. Both under the chosen head rule."""
+    rule = record.get("head_rule", "tied")
+    lrs = record["chosen_lr"] if protocol == "b" else {
+        m: (record["chosen_lr"].get(m) if m == "full" else record["shared_lr"]) for m in record["settings"]["methods"]}
+    out, seen = [], set()
+    for run in record["runs"]:
+        c = run["config"]
+        want = lrs.get(c["init"])
+        if want is None or not _same(c["lr"], want) or rule not in _rule_of(run):
+            continue
+        key = (c["init"], c["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(run)
+    return out
+
+
+def _estimate(exp: dict, folder: Path, seed: int, record: dict) -> Path:
+    """The init artifact of one seed: the head it carries is the one every method at this seed
+    starts from (``load_model(seed=...)`` draws the same head), and its sample is drawn with the
+    same seed."""
+    from loraga_ray import InitOptions, run_init
+
+    if not (folder / "meta.json").exists():
+        t0 = time.time()
+        run_init(InitOptions(model=exp["model"], data=exp["data"], out=str(folder), num_samples=256, batch_size=8,
+                             max_rank=RANK, max_length=exp["max_length"], seed=seed))
+        record["timings"][f"init_seed{seed}_s"] = time.time() - t0
+    return folder
 
 
 def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
     from loraga_ray.jobs.cluster import connect
-    from loraga_ray import InitOptions, run_init
     from loraga_ray.models import resolve_model
+    from loraga_ray.options import ARTIFACT_INITS
 
     connect(None, num_cpus=8, quiet=True)
     task = resolve_model(exp["model"]).task
@@ -163,70 +237,101 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
     val_metric = metric.replace("test_", "eval_")
     work = out_root / name
     record = {"experiment": name, "settings": {k: v for k, v in exp.items()}, "rank": RANK, "alpha": ALPHA,
-              "metric": metric, "runs": [], "chosen_lr": {}, "timings": {}}
+              "metric": metric, "runs": [], "chosen_lr": {}, "timings": {}, "shared_lr": SHARED_LR,
+              "head_floor": HEAD_FLOOR, "early_eval": [EARLY_EVERY, EARLY_UNTIL]}
+    methods = exp["methods"]
+    seen: set = set()
+
+    def collect(res, seed: int, stage: str) -> None:
+        for row, trial_out in _rows_with_outputs(res):
+            rec = dict(_trial_record(exp, trial_out, dict(row, seed=seed), metric), stage=stage)
+            c = rec["config"]
+            key = (c["init"], c["lr"], c.get("head_lr"), c["seed"])
+            if key not in seen:
+                seen.add(key)
+                record["runs"].append(rec)
+
+    def run_lrs(folder: Path, seed: int, artifact: Path, pairs: list[tuple[str, float]], rule: str, stage: str) -> None:
+        """(method, lr) pairs at one seed: one search per lr (the methods as a grid)."""
+        by_lr: dict[float, list[str]] = {}
+        for m, lr in pairs:
+            if not any(r["config"]["seed"] == seed and r["config"]["init"] == m and _same(r["config"]["lr"], lr)
+                       and rule in _rule_of(r) for r in record["runs"]):
+                by_lr.setdefault(lr, []).append(m)
+        for lr, ms in sorted(by_lr.items()):
+            space = {"init": {"grid": ms}, "lr": lr}
+            if head_lr_of(rule, lr) is not None and task == "seq-cls":
+                space["head_lr"] = head_lr_of(rule, lr)
+            sub = folder / f"lr{lr:g}{'' if 'head_lr' not in space else '_head' + format(space['head_lr'], 'g')}"
+            base_init = next((m for m in ms if m in ARTIFACT_INITS), ms[0])  # --artifact needs an init that reads it
+            collect(_search(exp, sub, base_init, space, str(artifact) if base_init in ARTIFACT_INITS else None,
+                            seed=seed), seed, stage)
+
+    # 0. one init artifact per seed (its head is the one every method at that seed starts from)
     t0 = time.time()
-    artifact = work / "init"
-    if not (artifact / "meta.json").exists():
-        _, summary = run_init(InitOptions(model=exp["model"], data=exp["data"], out=str(artifact), num_samples=256,
-                                          batch_size=8, max_rank=32, max_length=exp["max_length"], seed=0))
-        record["init_summary"] = summary
+    artifacts = {s: _estimate(exp, work / f"init_seed{s}", s, record) for s in exp["seeds"]}
     record["timings"]["init_s"] = time.time() - t0
 
-    # 1. learning rate: every method x every lr, seed 0, in ONE search (one Tune run packs the trials);
-    #    then, by the edge rule, one more search over the added points
+    # 1. learning rate (and, for a classifier, the head rule) on the validation split at seed 0:
+    #    every method x the SAME lr grid under both head rules, then the edge rule once
     t0 = time.time()
-    done_by: dict[str, list] = {}
+    rules = ["tied", "floor"] if task == "seq-cls" else ["tied"]
+    grid = list(exp["lr_grid"])
+    for rule in rules:
+        run_lrs(work / f"lr_{rule}", 0, artifacts[0], [(m, lr) for m in methods for lr in grid], rule, "lr")
 
-    def lr_search(folder: Path, grid: list[float]) -> None:
-        res = _search(exp, folder, "lora-ga", {"init": {"grid": exp["methods"]}, "lr": {"grid": grid}}, str(artifact))
-        for row, trial_out in _rows_with_outputs(res):
-            done_by.setdefault(row["init"], []).append((row, trial_out))
+    def best_by_method(rule: str, lrs: list[float]) -> dict[str, dict]:
+        out = {}
+        for m in methods:
+            cands = [r for r in record["runs"] if r["config"]["seed"] == 0 and r["config"]["init"] == m
+                     and rule in _rule_of(r) and any(_same(r["config"]["lr"], v) for v in lrs)]
+            if cands:
+                out[m] = _choose(cands, val_metric)
+        return out
 
-    lr_search(work / "lr", exp["lr_grid"])
-    chosen = {m: float(_choose(d, val_metric)[0]["lr"]) for m, d in done_by.items()}
-    extra = edge_points(exp["lr_grid"], chosen) if EXTEND_EDGES else []
+    scores = {}
+    for rule in rules:
+        best = best_by_method(rule, grid)
+        scores[rule] = statistics.mean(b["val"].get(val_metric) or 0.0 for b in best.values())
+    rule = max(rules, key=lambda r: (scores[r], r == "tied"))  # a tie keeps the simpler rule
+    record["head_rule"], record["head_rule_scores"] = rule, scores
+    print(f"[{name}] head rule: {rule} (mean best validation {val_metric} over methods: "
+          f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())})", flush=True)
+    chosen = {m: float(b["config"]["lr"]) for m, b in best_by_method(rule, grid).items()}
+    extra = edge_points(grid, chosen) if EXTEND_EDGES else []
     if extra:
-        print(f"[{name}] best lr on the grid's edge for {sorted(m for m, v in chosen.items() if v in (min(exp['lr_grid']), max(exp['lr_grid'])))}: "
+        print(f"[{name}] best lr on the grid's edge for {sorted(m for m, v in chosen.items() if v in (min(grid), max(grid)))}: "
               f"adding {extra} for every method", flush=True)
-        lr_search(work / "lr-edges", extra)
-    record["settings"]["lr_grid"] = sorted(exp["lr_grid"] + extra)
+        run_lrs(work / f"lr_{rule}_edges", 0, artifacts[0], [(m, lr) for m in methods for lr in extra], rule, "lr")
+    grid = sorted(grid + extra)
+    record["settings"]["lr_grid"] = grid
     record["lr_grid_added"] = extra
     record["timings"]["lr_selection_s"] = time.time() - t0
-    for method in exp["methods"]:
-        done = done_by.get(method, [])
-        if not done:
-            print(f"[{name}] {method}: no lr finished", flush=True)
-            continue
-        best = _choose(done, val_metric)
-        record["chosen_lr"][method] = float(best[0]["lr"])
-        record["runs"].append(dict(_trial_record(exp, best[1], dict(best[0], seed=0), metric), stage="main"))
-        record.setdefault("lr_grid", {})[method] = [
-            {"lr": r.get("lr"), "val": r.get(val_metric), "eval_loss": r.get("eval_loss")} for r, _ in done]
-        print(f"[{name}] {method}: lr {best[0]['lr']:g} (val {best[0].get(val_metric)})", flush=True)
+    for m, b in best_by_method(rule, grid).items():
+        record["chosen_lr"][m] = float(b["config"]["lr"])
+        print(f"[{name}] {m}: lr {b['config']['lr']:g} (val {b['val'].get(val_metric)})", flush=True)
+    record["lr_grid"] = {m: [{"lr": r["config"]["lr"], "head_lr": r["config"].get("head_lr"),
+                              "rules": sorted(_rule_of(r)), "val": r["val"].get(val_metric),
+                              "eval_loss": r["val"].get("eval_loss")}
+                             for r in record["runs"] if r["config"]["init"] == m and r["config"]["seed"] == 0]
+                         for m in methods}
     _save(name, record)
 
-    # 2. the other seeds, each method at its chosen lr
-    for method, lr in record["chosen_lr"].items():
+    # 2. the other seeds: (b) each method at its chosen lr, (a) each LoRA method at the shared lr
+    for seed in exp["seeds"][1:]:
         t0 = time.time()
-        seeds = _search(exp, _folder_for_lr(work / method / "seeds", lr), method, {"seed": {"grid": exp["seeds"][1:]}, "lr": lr}, str(artifact))
-        for row, trial_out in _rows_with_outputs(seeds):
-            record["runs"].append(dict(_trial_record(exp, trial_out, dict(row, init=method, lr=lr), metric), stage="main"))
-        record["timings"][f"{method}_seeds_s"] = time.time() - t0
+        pairs = [(m, lr) for m, lr in record["chosen_lr"].items()]
+        pairs += [(m, SHARED_LR) for m in methods if m != "full" and not _same(record["chosen_lr"].get(m, -1), SHARED_LR)]
+        run_lrs(work / f"seed{seed}_{rule}", seed, artifacts[seed], pairs, rule, "seeds")
+        record["timings"][f"seed{seed}_s"] = time.time() - t0
         _save(name, record)
 
-    if exp["ablations"] and "lora-ga" in record["chosen_lr"]:
-        lr = record["chosen_lr"]["lora-ga"]
-        for label, over in (("lora-ga r=32", {"rank": 32}), ("lora-ga scale=unit", {"scale": "unit"})):
-            t0 = time.time()
-            space = {"seed": {"grid": exp["seeds"]}, "lr": lr, **({"rank": over["rank"]} if "rank" in over else {"scale": over["scale"]})}
-            res = _search(exp, _folder_for_lr(work / label.replace(" ", "_").replace("=", ""), lr), "lora-ga", space,
-                          str(artifact), **over)
-            for row, trial_out in _rows_with_outputs(res):
-                rec = _trial_record(exp, trial_out, dict(row, init="lora-ga", lr=lr, **over), metric)
-                rec["config"]["init"] = label
-                record["runs"].append(dict(rec, stage="ablation"))
-            record["timings"][f"{label}_s"] = time.time() - t0
-            _save(name, record)
+    # 3. test metrics, only now and only for the runs the two comparisons report
+    t0 = time.time()
+    for protocol in ("a", "b"):
+        for run in protocol_runs(record, protocol):
+            _attach_test(exp, run)
+    record["timings"]["test_eval_s"] = time.time() - t0
     return record
 
 
@@ -243,12 +348,10 @@ def _steps_to(history, target, window=10):
 
 
 LABELS = {"full": "full fine-tuning", "lora": "LoRA", "pissa": "PiSSA", "peft-lora-ga": "PEFT `lora_ga`",
-          "lora-ga": "**LoRA-GA (loraga-ray)**", "lora-ga r=32": "LoRA-GA, r = 32",
-          "lora-ga scale=unit": "LoRA-GA, no stable scale"}
-
-
+          "lora-ga": "**LoRA-GA (loraga-ray)**", "lora-one": "LoRA-One (loraga-ray)"}
 COLORS = {"full": "tab:blue", "lora": "tab:orange", "pissa": "tab:green", "peft-lora-ga": "tab:red",
-          "lora-ga": "tab:purple", "lora-ga r=32": "tab:brown", "lora-ga scale=unit": "tab:pink"}  # same in every plot
+          "lora-ga": "tab:purple", "lora-one": "tab:brown"}  # same in every plot
+PROTOCOLS = {"a": "(a) one lr shared by every LoRA method", "b": "(b) each method at its best validation lr"}
 
 
 def _final_by_seed(runs: list) -> dict:
@@ -256,28 +359,32 @@ def _final_by_seed(runs: list) -> dict:
     return {r["config"]["seed"]: r["final_train_loss"] for r in runs}
 
 
-def summarise(record: dict) -> dict:
-    """Per method: test metric mean/std over seeds, final train loss, and the steps each seed's
-    training loss (10-step moving mean) needs to reach plain LoRA's final training loss under the
-    same seed (same data order)."""
+def summarise(record: dict, runs: list | None = None) -> dict:
+    """Per method (over ``runs``, default all of the record's): test metric mean/std over seeds,
+    final train loss, and the steps each seed's training loss (10-step moving mean) needs to reach
+    plain LoRA's final training loss under the same seed (same data order, same head). A run whose
+    loss ends above where it started is flagged ``collapsed`` and gets no steps figure."""
+    from loraga_ray.curves import collapsed
+
     metric = record["metric"]
     by: dict[str, list] = {}
-    for run in record["runs"]:
+    for run in record["runs"] if runs is None else runs:
         by.setdefault(run["config"]["init"], []).append(run)
-    lora_final = _final_by_seed(by.get("lora", []))
+    lora_final = _final_by_seed([r for r in by.get("lora", []) if not collapsed(r["history"])])
     out = {}
-    for method, runs in by.items():
-        vals = [r["test"][metric] for r in runs]
+    for method, rs in by.items():
+        vals = [r["test"][metric] for r in rs if "test" in r]
+        bad = sorted(r["config"]["seed"] for r in rs if collapsed(r["history"]))
         reach_by_seed = {r["config"]["seed"]: _steps_to(r["history"], lora_final[r["config"]["seed"]])
-                         for r in runs if r["config"]["seed"] in lora_final}
+                         for r in rs if r["config"]["seed"] in lora_final and r["config"]["seed"] not in bad}
         reach = list(reach_by_seed.values())
-        hit = [s for s in reach if s is not None]
-        out[method] = dict(lr=runs[0]["config"]["lr"], mean=statistics.mean(vals),
+        hit = [x for x in reach if x is not None]
+        out[method] = dict(lr=rs[0]["config"]["lr"], mean=statistics.mean(vals) if vals else float("nan"),
                            std=statistics.stdev(vals) if len(vals) > 1 else 0.0, n=len(vals),
-                           final_loss=statistics.mean(r["final_train_loss"] for r in runs),
-                           reach=reach, reach_by_seed=reach_by_seed,
+                           final_loss=statistics.mean(r["final_train_loss"] for r in rs),
+                           reach=reach, reach_by_seed=reach_by_seed, collapsed=bad,
                            reach_mean=statistics.mean(hit) if hit else None, reached=len(hit),
-                           seeds=sorted(r["config"]["seed"] for r in runs), runs=runs)
+                           seeds=sorted(r["config"]["seed"] for r in rs), runs=rs)
     return out
 
 
@@ -291,15 +398,52 @@ def _reach_text(s: dict, total: int) -> tuple[str, str]:
     return f"{s['reach_mean']:.0f}", f"{s['reach_mean'] / total:.2f}"
 
 
+def _protocols(record: dict) -> dict[str, list]:
+    """protocol -> its runs; a record without the two protocols is one comparison (b)."""
+    if "shared_lr" not in record:
+        return {"b": [r for r in record["runs"] if r.get("stage", "main") == "main"]}
+    return {p: protocol_runs(record, p) for p in ("a", "b")}
+
+
+def _table(summary: dict, metric: str, total: int) -> list[str]:
+    lines = [f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | "
+             "steps to LoRA's final train loss (mean) | fraction of LoRA's steps |",
+             "|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        reach, frac = _reach_text(s, total)
+        if s["collapsed"]:
+            reach = (f"diverged / collapsed in seed(s) {s['collapsed']}" + (f"; {reach} in the rest" if reach else ""))
+        if method == "lora":
+            reach, frac = "(the reference)", ""
+        lines.append(f"| {method} | {s['lr']:g} | {s['mean']:.3f} ± {s['std']:.3f} | {s['n']} | "
+                     f"{s['final_loss']:.3f} | {reach} | {frac} |")
+    return lines
+
+
+def _seed_table(summary: dict, metric: str, seeds: list) -> list[str]:
+    lines = ["| method | " + " | ".join(f"seed {k}" for k in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for method, s in summary.items():
+        cells = {}
+        for r in s["runs"]:
+            seed = r["config"]["seed"]
+            steps = s["reach_by_seed"].get(seed)
+            cells[seed] = (f"{r['test'][metric]:.3f}" if "test" in r else "?") + \
+                ("; collapsed" if seed in s["collapsed"] else f"; {steps if steps is not None else '-'}")
+        lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in seeds) + " |")
+    return lines
+
+
 def report(name: str) -> str:
-    """Markdown table + plots of one experiment, from its saved JSON."""
+    """Markdown tables + plots of one experiment, from its saved JSON."""
     record = json.loads((RESULTS / "convergence" / f"{name}.json").read_text())
     metric = record["metric"]
     st = record["settings"]
     total = st["max_steps"]
-    summary = summarise(record)
-    minutes = record.get("timings", {}).get("total_s")
-    sessions = record.get("timings", {}).get("sessions_s") or []
+    protocols = _protocols(record)
+    sums = {p: summarise(record, runs) for p, runs in protocols.items()}
+    timings = record.get("timings", {})
+    minutes = timings.get("total_s")
+    sessions = timings.get("sessions_s") or []
     lines = [f"# Convergence: {st['model']} on {st['data']}",
              "",
              f"r={record['rank']}, alpha={record['alpha']}, all attention and MLP Linears, {total} steps of "
@@ -311,44 +455,58 @@ def report(name: str) -> str:
              f"Machine: {record.get('machine', '?')}"
              f"{'' if minutes is None else f'; this experiment took {minutes / 60:.1f} min'}"
              f"{'' if len(sessions) < 2 else ' in ' + str(len(sessions)) + ' sessions (' + ' + '.join(f'{x / 60:.1f}' for x in sessions) + ' min; later ones resumed the earlier)'}.",
-             "",
-             f"| method | lr | {metric.replace('_', ' ')} (mean ± std) | seeds | final train loss | "
-             "steps to LoRA's final train loss (mean) | fraction of LoRA's steps |",
-             "|---|---|---|---|---|---|---|"]
-    for method, s in summary.items():
-        reach, frac = _reach_text(s, total)
-        lines.append(f"| {method} | {s['lr']:g} | {s['mean']:.3f} ± {s['std']:.3f} | {s['n']} | "
-                     f"{s['final_loss']:.3f} | {reach} | {frac} |")
-    lines += ["", "Per seed (test metric; steps to LoRA's final train loss, '-' = not reached):", "",
-              "| method | " + " | ".join(f"seed {k}" for k in st["seeds"]) + " |",
-              "|---|" + "---|" * len(st["seeds"])]
-    for method, s in summary.items():
-        cells = {}
-        for r in s["runs"]:
-            steps = s["reach_by_seed"].get(r["config"]["seed"])
-            cells[r["config"]["seed"]] = f"{r['test'][metric]:.3f}; {steps if steps is not None else '-'}"
-        lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in st["seeds"]) + " |")
+             ""]
+    if "shared_lr" in record:
+        lines += [f"Each seed has its own init artifact (256 training examples drawn with that seed); its classifier "
+                  f"head is the one every method at that seed starts from. Head rule: "
+                  f"**{record.get('head_rule', 'tied')}** (tied: the new head at the adapter's lr; floor: at "
+                  f"max(lr, {record.get('head_floor', HEAD_FLOOR):g})), chosen on validation at seed 0 by the mean over "
+                  "methods of each method's best validation score: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in (record.get("head_rule_scores") or {}).items())
+                  + f". Eval loss every {record['early_eval'][0]} steps over the first {record['early_eval'][1]}.", ""]
+    for p, summary in sums.items():
+        if "shared_lr" in record:
+            lines += [f"## Protocol {PROTOCOLS[p]}" + (f": lr {record['shared_lr']:g} (full fine-tuning at its own best lr, "
+                                                       "as the reference)" if p == "a" else ""), ""]
+        lines += _table(summary, metric, total)
+        lines += ["", "Per seed (test metric; steps to LoRA's final train loss, '-' = not reached):", ""]
+        lines += _seed_table(summary, metric, st["seeds"]) + [""]
     if "lr_grid" in record:
-        lines += ["", "Learning-rate selection (seed 0, validation split):", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in st["lr_grid"]) + " |",
-                  "|---|" + "---|" * len(st["lr_grid"])]
-        for method, grid in record["lr_grid"].items():
-            vals = {float(g["lr"]): g["val"] for g in grid}
-            lines.append(f"| {method} | " + " | ".join(
-                "" if vals.get(lr) is None else f"{vals[lr]:.3f}" for lr in st["lr_grid"]) + " |")
-    if record.get("edge_partial"):  # edge-rule trials of an unfinished run: seed 0 only, not in the main table
-        lora0 = _final_by_seed(summary.get("lora", {}).get("runs", [])).get(0)
-        lines += ["", record.get("note", ""), "", "Edge-rule trials that finished (seed 0 only; not in the table above):", "",
-                  f"| method | lr | validation {metric.replace('test_', '').replace('_', ' ')} | {metric.replace('_', ' ')} | "
-                  "final train loss | steps to LoRA's final train loss (seed 0) |", "|---|---|---|---|---|---|"]
-        for r in record["edge_partial"]:
-            steps = _steps_to(r["history"], lora0) if lora0 is not None else None
-            lines.append(f"| {r['config']['init']} | {r['config']['lr']:g} | {r['val'].get(metric.replace('test_', 'eval_')):.3f} | "
-                         f"{r['test'][metric]:.3f} | {r['final_train_loss']:.3f} | {steps if steps is not None else 'not within ' + str(total)} |")
-    text = "\n".join(lines) + "\n"
+        grid = st["lr_grid"]
+        lines += ["## Learning-rate selection (seed 0, validation split)", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |", "|---|" + "---|" * len(grid)]
+        for method, rows in record["lr_grid"].items():
+            cells = []
+            for lr in grid:
+                here = [g for g in rows if g.get("val") is not None and math.isclose(float(g["lr"]), lr, rel_tol=1e-6)]
+                if "shared_lr" in record:
+                    cells.append(" / ".join(f"{g['val']:.3f} ({'both' if len(g['rules']) == 2 else g['rules'][0]})"
+                                            for g in here if g.get("rules")))
+                else:
+                    cells.append(f"{here[0]['val']:.3f}" if here else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if timings:
+        lines += ["## Where the time went", ""] + _time_lines(record) + [""]
+    text = "\n".join(lines)
     (RESULTS / f"convergence_{name}.md").write_text(text)
-    _plots(name, record, summary, metric)
+    _plots(name, record, sums, metric)
     return text
+
+
+def _time_lines(record: dict) -> list[str]:
+    t = record["timings"]
+    trials = [r for r in record["runs"] if r.get("time_s")]
+    out = [f"- {k.removesuffix('_s').replace('_', ' ')}: {v / 60:.1f} min" for k, v in t.items()
+           if k.endswith("_s") and isinstance(v, (int, float)) and k != "total_s"]
+    with_train = [r for r in trials if r.get("train_s")]
+    if with_train:
+        wall = statistics.median(r["time_s"] for r in with_train)
+        train = statistics.median(r["train_s"] for r in with_train)
+        out.append(f"- {len(trials)} trials; per trial (median): {wall:.0f} s wall, of which {train:.0f} s in the "
+                   f"training loop (steps and evaluations) and {wall - train:.0f} s start-up and export "
+                   "(Ray Train controller and worker, model load, Ray Data pipeline, adapter export), two trials at a time")
+    return out
 
 
 def headline(names: list[str], suffix: str = "") -> str:
@@ -356,26 +514,34 @@ def headline(names: list[str], suffix: str = "") -> str:
     with every experiment's loss curves (benchmarks/results/convergence<suffix>_loss.png)."""
     records = {n: json.loads((RESULTS / "convergence" / f"{n}.json").read_text())
                for n in names if (RESULTS / "convergence" / f"{n}.json").exists()}
+    if any("shared_lr" in r for r in records.values()):  # results of the earlier harness stay in their own tables
+        records = {n: r for n, r in records.items() if "shared_lr" in r}
     if not records:
         return ""
-    sums = {n: summarise(r) for n, r in records.items()}
-    methods = [m for m in LABELS if any(m in s for s in sums.values())]
-    head = "| method |"
-    rule = "|---|"
+    sums = {n: {p: summarise(r, runs) for p, runs in _protocols(r).items()} for n, r in records.items()}
+    methods = [m for m in LABELS if any(m in s for ps in sums.values() for s in ps.values())]
+    head, rule = "| method |", "|---|"
     for n, r in records.items():
         metric = r["metric"].replace("test_", "").replace("_", " ")
-        head += f" {r['settings']['model']}: test {metric} | steps to LoRA's final loss |"
+        head += f" {r['settings']['model']}: test {metric} (b) | steps to LoRA's final loss |"
         rule += "---|---|"
+        if "a" in sums[n]:
+            head += f" test {metric} (a), lr {r['shared_lr']:g} | steps to LoRA's final loss (a) |"
+            rule += "---|---|"
     lines = [head, rule]
     for m in methods:
         row = f"| {LABELS[m]} |"
         for n, r in records.items():
-            s = sums[n].get(m)
-            if s is None:
-                row += " not run | |"
-                continue
-            reach, frac = _reach_text(s, r["settings"]["max_steps"])
-            row += f" {s['mean']:.3f} ± {s['std']:.3f} (n={s['n']}) | {reach}{'' if not frac else f' ({frac})'} |"
+            for p in [p for p in ("b", "a") if p in sums[n]]:
+                s = sums[n][p].get(m)
+                if s is None:
+                    row += " not run | |"
+                    continue
+                reach, frac = _reach_text(s, r["settings"]["max_steps"])
+                if s["collapsed"]:
+                    reach = f"collapsed in seed(s) {s['collapsed']}"
+                row += (f" {s['mean']:.3f} ± {s['std']:.3f} (n={s['n']}) | "
+                        f"{'(reference)' if m == 'lora' else reach}{'' if not frac or m == 'lora' else f' ({frac})'} |")
         lines.append(row)
     text = "\n".join(lines) + "\n"
     (RESULTS / f"convergence{suffix}.md").write_text(text)
@@ -387,65 +553,89 @@ def headline(names: list[str], suffix: str = "") -> str:
 
     fig, axes = plt.subplots(1, len(records), figsize=(6.2 * len(records), 4.2), dpi=110, squeeze=False)
     for ax, (n, r) in zip(axes[0], records.items()):
-        _loss_axes(ax, r, sums[n], main_only=True)
+        _loss_axes(ax, r, sums[n]["b"], "b" if "a" in sums[n] else None)
     fig.tight_layout()
     fig.savefig(RESULTS / f"convergence{suffix}_loss.png")
     plt.close(fig)
     return text
 
 
-def _loss_axes(ax, record, summary, main_only=False):
-    """Training loss (10-step moving mean), mean over seeds with a min-max band; plain LoRA's
-    final loss as a dotted line."""
+def _mean_curve(runs: list, key: str, smooth: int | None):
     import numpy as np
 
     from loraga_ray.curves import moving_mean
 
+    curves = []
+    for r in runs:
+        hist = [h for h in r["history"] if h.get(key) is not None]
+        ys = [h[key] for h in hist]
+        curves.append((np.array([h["step"] for h in hist]), np.array(moving_mean(ys, smooth) if smooth else ys)))
+    n = min(len(c[1]) for c in curves)
+    return curves[0][0][:n], np.stack([c[1][:n] for c in curves])
+
+
+def _loss_axes(ax, record, summary, protocol=None, key="train_loss", until=None):
+    """Training loss (10-step moving mean) or eval loss, mean over seeds with a min-max band;
+    plain LoRA's final training loss as a dotted line."""
     for method, s in summary.items():
-        if main_only and ("r=" in method or "unit" in method):
-            continue
-        curves = []
-        for r in s["runs"]:
-            hist = [h for h in r["history"] if h.get("train_loss") is not None]
-            curves.append((np.array([h["step"] for h in hist]), np.array(moving_mean([h["train_loss"] for h in hist], 10))))
-        n = min(len(c[1]) for c in curves)
-        steps = curves[0][0][:n]
-        ys = np.stack([c[1][:n] for c in curves])
+        steps, ys = _mean_curve(s["runs"], key, 10 if key == "train_loss" else None)
+        if until is not None:
+            keep = steps <= until
+            steps, ys = steps[keep], ys[:, keep]
         line, = ax.plot(steps, ys.mean(0), lw=1.8 if method == "lora-ga" else 1.3, color=COLORS.get(method),
-                        ls="--" if "r=" in method or "unit" in method else "-",
+                        marker="o" if key == "eval_loss" else None, ms=3,
                         label=f"{LABELS.get(method, method).strip('*')} (lr {s['lr']:g})")
-        if len(curves) > 1:
+        if len(ys) > 1:
             ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
-    if "lora" in summary:
+    if "lora" in summary and key == "train_loss":
         ax.axhline(summary["lora"]["final_loss"], color="gray", ls=":", lw=1, label="LoRA's final loss")
     st = record["settings"]
-    ax.set_title(f"{st['model']} on {st['data']}, r={record['rank']}", fontsize=10)
+    title = f"{st['model']} on {st['data']}, r={record['rank']}"
+    ax.set_title(title + (f"\n{PROTOCOLS[protocol]}" if protocol else ""), fontsize=9)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"train loss, 10-step mean (mean of {len(st['seeds'])} seeds, band min-max)", fontsize=8)
+    what = "train loss, 10-step mean" if key == "train_loss" else "eval loss (validation sample)"
+    ax.set_ylabel(f"{what} (mean of {len(st['seeds'])} seeds, band min-max)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
 
-def _plots(name, record, summary, metric):
+def _plots(name, record, sums, metric):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
-    _loss_axes(ax, record, summary)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"convergence_{name}_loss.png")
-    plt.close(fig)
+    labelled = "a" in sums
+    for key, fname, until in (("train_loss", "loss", None), ("eval_loss", "early", record.get("early_eval", [0, None])[1])):
+        if key == "eval_loss" and not record.get("early_eval"):
+            continue
+        fig, axes = plt.subplots(1, len(sums), figsize=(6.4 * len(sums), 4.4), dpi=110, squeeze=False)
+        for ax, (p, summary) in zip(axes[0], sorted(sums.items())):
+            _loss_axes(ax, record, summary, p if labelled else None, key=key, until=until)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"convergence_{name}_{fname}.png")
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 3.8), dpi=110)
-    names = list(summary)
-    ax.bar(names, [summary[n]["mean"] for n in names], yerr=[summary[n]["std"] for n in names], capsize=4,
-           color=["tab:blue" if n == "lora-ga" else "tab:gray" for n in names])
+    import numpy as np
+
+    names = [m for m in LABELS if any(m in s for s in sums.values())]
+    width = 0.8 / len(sums)
+    lo, hi = 1.0, 0.0
+    for i, (p, summary) in enumerate(sorted(sums.items())):
+        xs = [j + i * width for j, m in enumerate(names) if m in summary]
+        ms = [m for m in names if m in summary]
+        means = [summary[m]["mean"] for m in ms]
+        stds = [summary[m]["std"] for m in ms]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=PROTOCOLS[p] if labelled else None,
+               color=[COLORS.get(m) for m in ms], alpha=1.0 if p == "b" else 0.55, edgecolor="black", lw=0.4)
+        lo = min([lo] + [mu - sd for mu, sd in zip(means, stds)])
+        hi = max([hi] + [mu + sd for mu, sd in zip(means, stds)])
+    ax.set_xticks(np.arange(len(names)) + width * (len(sums) - 1) / 2, names, rotation=20)
     ax.set_ylabel(metric.replace("_", " "))
-    lo = min(summary[n]["mean"] - summary[n]["std"] for n in names)
-    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(summary[n]["mean"] + summary[n]["std"] for n in names) + 0.03))
-    ax.tick_params(axis="x", rotation=20)
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.03))
+    if labelled:
+        ax.legend(fontsize=7, title="solid: (b), pale: (a)", title_fontsize=7)
     ax.set_title(f"Test {metric.replace('test_', '').replace('_', ' ')} (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(RESULTS / f"convergence_{name}_metric.png")
@@ -454,7 +644,7 @@ def _plots(name, record, summary, metric):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiments", default="minilm,smollm2")
+    ap.add_argument("--experiments", default="minilm", help="comma-separated: minilm, smollm2 (default: %(default)s)")
     ap.add_argument("--work", default="runs/convergence", help="where the searches write (default: %(default)s)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--max-concurrent", type=int, default=2, help="trials at a time (each Train worker uses 1 CPU)")
@@ -480,7 +670,7 @@ def main(argv=None) -> int:
         RESULTS = work / "results"
         for exp in EXPERIMENTS.values():
             exp.update(max_steps=8, eval_every=4, eval_samples=32, test_limit=48, lr_grid=[1e-4, 1e-3], seeds=[0, 1],
-                       methods=["lora", "peft-lora-ga", "lora-ga"], ablations=True)
+                       methods=["lora", "lora-ga", "lora-one"])
         EXTEND_EDGES = False
     logging.basicConfig(level=logging.WARNING)
     for name in args.experiments.split(","):

@@ -85,12 +85,6 @@ def test_edge_rule(conv, tmp_path):
     assert conv.edge_points(grid, {"a": 1e-4, "b": 3e-4}) == [3e-5]
     assert conv.edge_points(grid, {"a": 1e-3}) == [3e-3]
     assert conv.edge_points(grid, {"a": 1e-4, "b": 1e-3}) == [3e-5, 3e-3]
-    folder = tmp_path / "seeds"
-    assert conv._folder_for_lr(folder, 1e-4) == folder  # nothing there yet
-    folder.mkdir()
-    (folder / "space.yaml").write_text("seed: {grid: [1, 2]}\nlr: 0.0001\n")
-    assert conv._folder_for_lr(folder, 1e-4) == folder  # same lr: resume it
-    assert conv._folder_for_lr(folder, 3e-5) == tmp_path / "seeds_lr3e-05"  # another lr: its own search
 
 
 def test_gpu_scale_script_runs_on_cpu_with_a_tiny_model(tmp_path):
@@ -109,3 +103,27 @@ def test_gpu_scale_script_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert result["svd"]["layers"] == 14 and result["svd"]["k"] == 16
     assert set(result["train"]) == {"plain", "checkpointing"}
     assert all("error" not in v for v in result["train"].values())
+
+
+def test_protocols_pick_their_runs_under_the_chosen_head_rule(conv):
+    """(b): each method at its chosen lr; (a): every LoRA method at the shared lr, full
+    fine-tuning at its own; a run at lr >= the head floor belongs to both head rules."""
+    def run(init, lr, seed, head_lr=None):
+        r = _run(init, seed, 0.7, [1.0] * 20, lr=lr)
+        r["config"]["head_lr"] = head_lr
+        return r
+
+    runs = [run("lora", 1e-3, 0), run("lora", 1e-4, 0), run("lora", 1e-4, 0, head_lr=1e-3),
+            run("lora-ga", 1e-4, 0), run("lora-ga", 1e-4, 0, head_lr=1e-3), run("full", 3e-4, 0, head_lr=1e-3),
+            run("full", 1e-4, 0, head_lr=1e-3)]
+    rec = {"runs": runs, "chosen_lr": {"lora": 1e-3, "lora-ga": 1e-4, "full": 3e-4}, "shared_lr": 1e-4,
+           "head_rule": "floor", "settings": {"methods": ["full", "lora", "lora-ga"]}}
+    b = {(r["config"]["init"], r["config"]["lr"], r["config"]["head_lr"]) for r in conv.protocol_runs(rec, "b")}
+    assert b == {("lora", 1e-3, None), ("lora-ga", 1e-4, 1e-3), ("full", 3e-4, 1e-3)}
+    a = {(r["config"]["init"], r["config"]["lr"], r["config"]["head_lr"]) for r in conv.protocol_runs(rec, "a")}
+    assert a == {("lora", 1e-4, 1e-3), ("lora-ga", 1e-4, 1e-3), ("full", 3e-4, 1e-3)}
+    rec["head_rule"] = "tied"
+    a = {(r["config"]["init"], r["config"]["lr"], r["config"]["head_lr"]) for r in conv.protocol_runs(rec, "a")}
+    assert a == {("lora", 1e-4, None), ("lora-ga", 1e-4, None)}  # full has no tied run at its lr here
+    assert conv.head_lr_of("floor", 1e-4) == 1e-3 and conv.head_lr_of("floor", 3e-3) is None
+    assert conv.head_lr_of("tied", 1e-4) is None

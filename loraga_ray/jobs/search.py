@@ -81,8 +81,8 @@ class SharedArtifact:
 def _check_space_values(space: SearchSpace, base) -> None:
     """Values that the space leaves to the base options must be valid too (e.g. --init)."""
     for key in KEYS:
-        if key in space.params or not hasattr(base, key):
-            continue
+        if key in space.params or not hasattr(base, key) or getattr(base, key) is None:
+            continue  # None: the option's own default (--gamma per method, --head-lr = --lr)
         try:
             parse_space({key: getattr(base, key)}, source="(command-line options)")
         except SpaceError as e:
