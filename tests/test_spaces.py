@@ -22,7 +22,7 @@ def test_shipped_spaces_load():
     scaling = load_space("scaling")  # a shipped space by name
     assert {"alpha", "gamma", "lr"} <= set(scaling.params)
     baselines = load_space("baselines.yaml")
-    assert baselines.values("init") == ("lora-ga", "lora", "pissa")
+    assert baselines.values("init") == ("lora-ga", "lora-one", "lora", "pissa")
     assert baselines.may_use("lora-ga", default_init="lora")
     assert not parse_space({"init": "lora"}).may_use("lora-ga", default_init="lora-ga")
     assert parse_space({"lr": 1e-4}).may_use("lora-ga", default_init="lora-ga")

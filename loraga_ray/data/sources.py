@@ -310,8 +310,9 @@ def _label_ids(column, name: str, source: str, label_names, class_label):
         column = pc.cast(column, pa.string())  # a categorical column (e.g. from pandas)
     if _is_text(column.type):
         if not label_names:
-            raise ValueError(f"the label column {name!r} of {source} holds class names, but no names of the "
-                             "training split to map them with; read it with load_split (which does that)")
+            raise ValueError(f"the label column {name!r} of {source} holds class names, but there is no training "
+                             "split to take the class list from (the ids are its sorted names). Put the train split "
+                             "beside it, or give the labels as class ids.")
         ids = pc.index_in(column, value_set=pa.array(label_names, pa.string()))
         unseen = pc.and_(pc.is_valid(column), pc.is_null(ids))
         if pc.any(unseen).as_py():
@@ -467,10 +468,17 @@ def load_split(
             raise ValueError(f"{name} is a {demo_task} dataset, not {task}")
         return select_columns(load_demo(name, split), f"{name} ({split})", demo_task, **columns)
     where = Path(name).expanduser()
-    raw_train = _read_split(name, "train")  # the class names, and the rows a missing split comes from
-    names = train_label_names(raw_train, label_column) if task != "causal-lm" else None
     canonical = _split_of(split) or split
-    missing = missing_splits(name) if hold_out else []
+    try:  # the class names, and the rows a missing split comes from
+        raw_train = _read_split(name, "train")
+    except DatasetNotFoundError:
+        raise
+    except ValueError:
+        if canonical == "train":
+            raise
+        raw_train = None  # a folder of evaluation splits only: read as they are
+    names = train_label_names(raw_train, label_column) if task != "causal-lm" and raw_train is not None else None
+    missing = missing_splits(name) if hold_out and raw_train is not None else []
     if missing and canonical in missing + ["train"]:
         train = select_columns(raw_train, f"{where} (train)", task, **columns, label_names=names)
         parts = holdout(train.num_rows, missing, str(where))
