@@ -5,11 +5,12 @@ and fixed here before any test result:
 
 0. one init artifact per seed (256 training examples drawn with that seed): LoRA-GA and LoRA-One
    both start from it, and its classifier head is the head every method at that seed starts from;
-1. seed 0: every method x the SAME lr grid; for a classifier also under both head rules (the new
-   head at the adapter's lr, "tied", or at max(lr, HEAD_FLOOR), "floor"); the rule with the higher
-   mean over methods of each method's best validation score is used for every method from then
-   on; each method's lr is its best on validation (accuracy / exact match, ties by eval loss);
-   a best lr on the grid's edge adds one point beyond it, for every method, once;
+1. seed 0: every method x the SAME lr grid with the new head at the adapter's lr ("tied"); for a
+   classifier also every method at SHARED_LR with the head at max(lr, HEAD_FLOOR) ("floor"): the
+   rule with the higher mean validation score over methods there is used for every method from
+   then on (floor: its other grid points are run too); each method's lr is its best on
+   validation (accuracy / exact match, ties by eval loss); with --extend-edges, a best lr on the
+   grid's edge adds one point beyond it, for every method, once;
 2. seeds 1, 2: protocol (b), each method at its chosen lr, and protocol (a), the LoRA-GA paper's,
    every LoRA method at the one SHARED_LR (full fine-tuning stays at its own lr, as the reference);
 3. test metrics, last: each reported trial's exported adapter (or full weights) loaded onto a
@@ -84,7 +85,7 @@ GPU_SETTINGS = {
 RANK, ALPHA = 8, 16.0
 MAX_CONCURRENT = 2
 DEVICE = "auto"
-EXTEND_EDGES = True  # the edge rule of edge_points(); --no-extend-edges turns it off
+EXTEND_EDGES = False  # the edge rule of edge_points(); --extend-edges turns it on
 
 
 def _space_file(folder: Path, values: dict) -> str:
@@ -275,10 +276,25 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
     # 1. learning rate (and, for a classifier, the head rule) on the validation split at seed 0:
     #    every method x the SAME lr grid under both head rules, then the edge rule once
     t0 = time.time()
-    rules = ["tied", "floor"] if task == "seq-cls" else ["tied"]
     grid = list(exp["lr_grid"])
-    for rule in rules:
-        run_lrs(work / f"lr_{rule}", 0, artifacts[0], [(m, lr) for m in methods for lr in grid], rule, "lr")
+    run_lrs(work / "lr_tied", 0, artifacts[0], [(m, lr) for m in methods for lr in grid], "tied", "lr")
+    rule, scores = "tied", {}
+    if task == "seq-cls" and SHARED_LR < HEAD_FLOOR:
+        # the head rules side by side at the shared lr (where they differ most: 10x); the better
+        # mean over methods decides for every method, and then for the rest of the grid
+        run_lrs(work / "lr_floor", 0, artifacts[0], [(m, SHARED_LR) for m in methods], "floor", "lr")
+        for r_ in ("tied", "floor"):
+            vals = [next(r["val"].get(val_metric) or 0.0 for r in record["runs"] if r["config"]["seed"] == 0
+                         and r["config"]["init"] == m and _same(r["config"]["lr"], SHARED_LR) and r_ in _rule_of(r))
+                    for m in methods]
+            scores[r_] = statistics.mean(vals)
+        rule = max(("tied", "floor"), key=lambda r_: (scores[r_], r_ == "tied"))  # a tie keeps the simpler rule
+        if rule == "floor":
+            rest = [lr for lr in grid if lr < HEAD_FLOOR and not _same(lr, SHARED_LR)]
+            run_lrs(work / "lr_floor", 0, artifacts[0], [(m, lr) for m in methods for lr in rest], "floor", "lr")
+    record["head_rule"], record["head_rule_scores"] = rule, scores
+    print(f"[{name}] head rule: {rule} (mean validation {val_metric} over methods at lr {SHARED_LR:g}: "
+          f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())})", flush=True)
 
     def best_by_method(rule: str, lrs: list[float]) -> dict[str, dict]:
         out = {}
@@ -289,14 +305,6 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
                 out[m] = _choose(cands, val_metric)
         return out
 
-    scores = {}
-    for rule in rules:
-        best = best_by_method(rule, grid)
-        scores[rule] = statistics.mean(b["val"].get(val_metric) or 0.0 for b in best.values())
-    rule = max(rules, key=lambda r: (scores[r], r == "tied"))  # a tie keeps the simpler rule
-    record["head_rule"], record["head_rule_scores"] = rule, scores
-    print(f"[{name}] head rule: {rule} (mean best validation {val_metric} over methods: "
-          f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())})", flush=True)
     chosen = {m: float(b["config"]["lr"]) for m, b in best_by_method(rule, grid).items()}
     extra = edge_points(grid, chosen) if EXTEND_EDGES else []
     if extra:
@@ -652,11 +660,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: the 2-core sizes (default); cuda: one GPU per trial and the larger GPU_SETTINGS, "
                          "results in <experiment>_gpu.json")
-    ap.add_argument("--no-extend-edges", action="store_true",
-                    help="keep the lr grid as it is even when a method's best lr is on its edge")
+    ap.add_argument("--extend-edges", action="store_true",
+                    help="when a method's best lr is on the grid's edge, add one point beyond it for every method "
+                         "(off by default: the default run fits the 2-core time budget without it)")
     args = ap.parse_args(argv)
     global MAX_CONCURRENT, RESULTS, DEVICE, EXTEND_EDGES
-    EXTEND_EDGES = not args.no_extend_edges
+    EXTEND_EDGES = args.extend_edges
     MAX_CONCURRENT = args.max_concurrent
     DEVICE = args.device
     suffix = ""
