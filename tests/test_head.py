@@ -122,3 +122,14 @@ def test_head_lr_is_a_parameter_group_of_its_own(estimated, tmp_path, monkeypatc
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(named)
     default = param_groups(named, TrainOptions(model="m", data="d", out="o", lr=1e-4), CLASSIFIER_HEADS)
     assert [g["peak_lr"] for g in default] == [1e-4, 1e-4]  # without --head-lr: --lr for both
+
+
+def test_early_evaluations_cover_the_first_steps_only():
+    from loraga_ray.options import TrainOptions
+    from loraga_ray.training.loop import is_early_eval
+
+    opts = TrainOptions(model="m", data="d", out="o", max_steps=80, eval_every=80, eval_early_every=5, eval_early_until=40)
+    assert [s for s in range(1, 81) if is_early_eval(s, opts)] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert not any(is_early_eval(s, TrainOptions(model="m", data="d", out="o")) for s in range(1, 81))
+    with pytest.raises(ValueError, match="--eval-early-every must be a positive integer"):
+        TrainOptions(model="m", data="d", out="o", eval_early_every=0).validate()

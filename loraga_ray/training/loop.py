@@ -150,6 +150,10 @@ class WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device() if config["cuda"] else torch.device("cpu")
         self.device = device[0] if isinstance(device, list) else device
+        if self.device.type == "cpu":
+            # as many compute threads as the worker reserved CPUs: torch's default (every core) makes
+            # workers (or trials) that share a machine spin against each other
+            torch.set_num_threads(max(1, int(self.opts.cpus_per_worker)))
         # decided on the driver before any worker started (jobs.train_strategy.decide_train)
         self.dtype, self.strategy = config["dtype"], config["train_strategy"]
         self.sharded = self.strategy == "fsdp" and self.world > 1
