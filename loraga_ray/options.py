@@ -207,7 +207,7 @@ class TrainOptions:
     max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
     workers: int = opt(1, "Ray Train workers (DDP)")
     gpus_per_worker: float | None = opt(None, "GPUs per worker (default: 1 when the cluster has GPUs)")
-    cpus_per_worker: float = opt(1.0, "CPUs per Train worker")
+    cpus_per_worker: float = opt(1.0, "CPUs per Train worker (on CPU also its compute threads)")
     eval_every: int = opt(50, "evaluate every K steps and at the end")
     eval_samples: int | None = opt(None, "cap on evaluation examples (default: the whole validation split)")
     eval_early_every: int | None = opt(None, "also evaluate every K steps over the first --eval-early-until steps, so "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def _demo(args: DemoOptions, out: Path) -> int:
             artifact=str(init_dir) if method == "lora-ga" else None, rank=args.rank, alpha=args.alpha, lr=lr,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_every=args.eval_every,
             eval_early_every=EARLY_EVERY, eval_early_until=EARLY_UNTIL, head_lr=args.head_lr,
+            cpus_per_worker=float(max(1, (os.cpu_count() or 1) // args.workers)),  # one run at a time: all cores
             eval_samples=args.eval_samples, max_length=args.max_length, seed=args.seed, workers=args.workers,
             tracking_uri=tracking_uri, experiment="loraga-ray-demo", run_name=f"demo-{method}", address=args.address,
             resume=(out / method / "train_options.json").exists()))
