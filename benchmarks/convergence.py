@@ -284,9 +284,12 @@ def run_experiment(name: str, exp: dict, out_root: Path) -> dict:
         # mean over methods decides for every method, and then for the rest of the grid
         run_lrs(work / "lr_floor", 0, artifacts[0], [(m, SHARED_LR) for m in methods], "floor", "lr")
         for r_ in ("tied", "floor"):
-            vals = [next(r["val"].get(val_metric) or 0.0 for r in record["runs"] if r["config"]["seed"] == 0
-                         and r["config"]["init"] == m and _same(r["config"]["lr"], SHARED_LR) and r_ in _rule_of(r))
-                    for m in methods]
+            vals = [next((r["val"].get(val_metric) or 0.0 for r in record["runs"] if r["config"]["seed"] == 0
+                          and r["config"]["init"] == m and _same(r["config"]["lr"], SHARED_LR) and r_ in _rule_of(r)),
+                         None) for m in methods]
+            if None in vals:
+                raise RuntimeError(f"[{name}] no finished run at lr {SHARED_LR:g} under the {r_} head rule for "
+                                   f"{[m for m, v in zip(methods, vals) if v is None]}: see their trial folders")
             scores[r_] = statistics.mean(vals)
         rule = max(("tied", "floor"), key=lambda r_: (scores[r_], r_ == "tied"))  # a tie keeps the simpler rule
         if rule == "floor":
@@ -469,7 +472,7 @@ def report(name: str) -> str:
                   f"head is the one every method at that seed starts from. Head rule: "
                   f"**{record.get('head_rule', 'tied')}** (tied: the new head at the adapter's lr; floor: at "
                   f"max(lr, {record.get('head_floor', HEAD_FLOOR):g})), chosen on validation at seed 0 by the mean over "
-                  "methods of each method's best validation score: "
+                  f"methods of their validation score at lr {record['shared_lr']:g}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in (record.get("head_rule_scores") or {}).items())
                   + f". Eval loss every {record['early_eval'][0]} steps over the first {record['early_eval'][1]}.", ""]
     for p, summary in sums.items():

@@ -28,16 +28,23 @@ def final_train_loss(history, window: int = 10) -> float:
 
 def collapsed(history, window: int = 10) -> bool:
     """A run that diverged or collapsed: its final training loss (mean of the last ``window``)
-    ends above its start (mean of the first ``window``), or it gave back more than half of the
-    drop it had made (final - best > (start - best) / 2, ``best`` the lowest ``window``-step mean),
-    as a run that falls back to predicting the majority class does. A steps-to-loss figure would
-    say nothing about such a run."""
+    ends above its start (mean of the first ``window``) by more than RISE_TOLERANCE, or, after a
+    real drop (at least MEANINGFUL_DROP of the start), it gave back more than half of it
+    (final - best > (start - best) / 2, ``best`` the lowest ``window``-step mean), as a run that
+    falls back to predicting the majority class does. A slow run that barely moves is neither. A
+    steps-to-loss figure would say nothing about such a run."""
     losses = [h["train_loss"] for h in history if h.get("train_loss") is not None]
     if len(losses) < 2 * window:
         return False
     means = moving_mean(losses, window)[window - 1:]
     start, final, best = means[0], means[-1], min(means)
-    return final > start or (start - best > 0 and final - best > (start - best) / 2)
+    rose = final > start * (1 + RISE_TOLERANCE)
+    gave_back = start - best >= MEANINGFUL_DROP * start and final - best > (start - best) / 2
+    return rose or gave_back
+
+
+RISE_TOLERANCE = 0.02  # a final loss this far (relative) above the start is more than noise
+MEANINGFUL_DROP = 0.1  # a drop of at least this much of the start counts as progress that can be lost
 
 
 def first_train_loss(history, window: int = 10) -> float:

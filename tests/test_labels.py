@@ -108,3 +108,17 @@ def test_data_with_test_but_no_validation_holds_out_validation_only(tmp_path):
     assert load_split(data, "test").num_rows == 2  # its own test split, untouched
     with pytest.raises(ValueError, match="too few to hold some out"):
         holdout(1, ["validation"], "tiny")
+
+
+def test_held_out_parts_count_the_classes_of_all_training_rows(tmp_path):
+    """A rare class id that lands only in the held-out rows still counts: train, validation and
+    test agree on the number of classes (as the init pipeline, which sees every row, does)."""
+    path = tmp_path / "rare.jsonl"
+    rows = [{"text": f"r{i}", "label": 0 if i % 2 else 1} for i in range(40)]
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(40)
+    rows[int(perm[0])]["label"] = 4  # first validation row under the fixed hold-out
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parts = {s: load_split(str(path), s) for s in ("train", "validation", "test")}
+    assert 4 not in parts["train"]["label"].to_pylist() and 4 in parts["validation"]["label"].to_pylist()
+    assert {s: num_classes(t) for s, t in parts.items()} == {"train": 5, "validation": 5, "test": 5}
+    assert num_classes(sample_table(parts["train"], 8, seed=0)) == 5

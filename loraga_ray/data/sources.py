@@ -38,6 +38,7 @@ CANONICAL_COLUMNS = {"seq-cls": ("text", "label"), "causal-lm": ("prompt", "resp
 HOLDOUT_FRACTION = 0.1  # of the training rows, for each missing validation / test split
 HOLDOUT_SEED = 0  # fixed: the held-out rows do not depend on a run's --seed
 LABEL_NAMES_KEY = b"loraga.label_names"  # schema metadata: JSON list, class id -> name
+CLASS_COUNT_KEY = b"loraga.num_classes"  # schema metadata of a held-out part: the whole training split's classes
 
 log = logging.getLogger(__name__)
 _announced: set = set()
@@ -310,9 +311,9 @@ def _label_ids(column, name: str, source: str, label_names, class_label):
         column = pc.cast(column, pa.string())  # a categorical column (e.g. from pandas)
     if _is_text(column.type):
         if not label_names:
-            raise ValueError(f"the label column {name!r} of {source} holds class names, but there is no training "
-                             "split to take the class list from (the ids are its sorted names). Put the train split "
-                             "beside it, or give the labels as class ids.")
+            raise ValueError(f"the label column {name!r} of {source} holds class names, but the training split "
+                             "gives class ids (or there is no training split to take the names from; the ids are its "
+                             "sorted names). Give every split its labels the same way.")
         ids = pc.index_in(column, value_set=pa.array(label_names, pa.string()))
         unseen = pc.and_(pc.is_valid(column), pc.is_null(ids))
         if pc.any(unseen).as_py():
@@ -376,6 +377,9 @@ def num_classes(table: pa.Table) -> int:
     names = label_names(table)
     if names:
         return max(2, len(names))
+    count = (table.schema.metadata or {}).get(CLASS_COUNT_KEY)
+    if count:
+        return int(count)
     hi = pc.max(table["label"]).as_py() if table.num_rows else None
     if hi is None:
         raise ValueError("the training split has no rows.")
@@ -489,7 +493,11 @@ def load_split(
                         "the fixed seed %d, the same for every run)", where, " or ".join(missing),
                         " and ".join(f"{len(parts[m])} for {m}" for m in missing), train.num_rows,
                         100 * HOLDOUT_FRACTION, HOLDOUT_SEED)
-        return train.take(pa.array(parts[canonical]))
+        part = train.take(pa.array(parts[canonical]))
+        if "label" in train.column_names and not label_names(train) and train.num_rows:
+            # class ids: the classes are those of all the training rows, not of this part's
+            part = part.replace_schema_metadata({CLASS_COUNT_KEY: str(num_classes(train)).encode()})
+        return part
     raw = raw_train if canonical == "train" else _read_split(name, split)
     return select_columns(raw, f"{where} ({split})", task, **columns, label_names=names)
 

@@ -83,7 +83,10 @@ def _demo(args: DemoOptions, out: Path) -> int:
     spec = resolve_model(args.model)  # a clear error (with the pip command) before Ray starts
     if not args.verbose:
         hush_driver()
-    connect(args.address, min_cpus=8, runtime_env=None if args.verbose else HUSHED_ENV)
+    ray = connect(args.address, min_cpus=8, runtime_env=None if args.verbose else HUSHED_ENV)
+    # one run at a time: its workers take the cores (not more threads than this machine has), one
+    # CPU left for Ray Data
+    cpus = float(max(1, min(int(ray.cluster_resources().get("CPU", 1)) - 1, os.cpu_count() or 1) // args.workers))
     tracking_uri = args.tracking_uri or default_tracking_uri(out)
 
     timings = {}
@@ -111,7 +114,7 @@ def _demo(args: DemoOptions, out: Path) -> int:
             artifact=str(init_dir) if method == "lora-ga" else None, rank=args.rank, alpha=args.alpha, lr=lr,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_every=args.eval_every,
             eval_early_every=EARLY_EVERY, eval_early_until=EARLY_UNTIL, head_lr=args.head_lr,
-            cpus_per_worker=float(max(1, (os.cpu_count() or 1) // args.workers)),  # one run at a time: all cores
+            cpus_per_worker=cpus,
             eval_samples=args.eval_samples, max_length=args.max_length, seed=args.seed, workers=args.workers,
             tracking_uri=tracking_uri, experiment="loraga-ray-demo", run_name=f"demo-{method}", address=args.address,
             resume=(out / method / "train_options.json").exists()))

@@ -396,7 +396,7 @@ def _num_labels(opts: InitOptions, task: str, max_label: int, names: list[str] |
     if task != "seq-cls":
         return 2  # unused by causal LMs
     if names:
-        if opts.num_labels is not None and opts.num_labels != len(names):
+        if opts.num_labels is not None and opts.num_labels != max(2, len(names)):
             raise ValueError(f"the data names {len(names)} classes but num_labels={opts.num_labels}; drop num_labels "
                              "(the class names decide it) or fix the data.")
         return max(2, len(names))

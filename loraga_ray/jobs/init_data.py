@@ -136,8 +136,23 @@ def local_label_names(data: str, label_column: str | None) -> list[str] | None:
 
     if data in DEMO_DATASETS:
         return None
-    raw = _read_split(data, "train")
-    return train_label_names(raw, label_column) or _class_label_names(raw.schema, label_column or "label")
+    from ..data import split_sources
+
+    column = label_column or "label"
+    sources = split_sources(data, "train")
+    if all(p.is_file() and p.suffix == ".parquet" for p in sources):  # the label column alone, not the rows
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(sources[0])
+        if column not in schema.names:
+            return None
+        names = _class_label_names(schema, column)
+        if names:
+            return names
+        raw = pa.concat_tables([pq.read_table(p, columns=[column]) for p in sources], promote_options="default")
+    else:
+        raw = _read_split(data, "train")
+    return train_label_names(raw, label_column) or _class_label_names(raw.schema, column)
 
 
 def _uri_label_names(ds, label_column: str | None) -> list[str] | None:
@@ -212,8 +227,8 @@ def read_sample(opts: InitOptions, task: str) -> tuple[pa.Table, dict]:
     indices = kept[indices]
     if too_small:
         warnings.warn(
-            f"asked for {opts.num_samples} samples but {opts.data} ({opts.split}) has only {total} rows; "
-            f"using all {total} of them (the artifact's meta records the counts)."
+            f"asked for {opts.num_samples} samples but {opts.data} ({opts.split}) has only {len(kept)} rows; "
+            f"using all {len(kept)} of them (the artifact's meta records the counts)."
         )
     starts = np.concatenate([[0], np.cumsum(counts)])
     parts = []

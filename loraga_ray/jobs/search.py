@@ -35,7 +35,8 @@ from typing import Sequence
 from ..core.artifact import InitArtifact
 from ..core.files import output_lock, read_marker, write_json
 from ..redact import redact_obj, restore
-from ..options import ARTIFACT_INITS, SearchError, SearchOptions, TrainOptions, from_dict, gradient_directions
+from ..options import (ARTIFACT_INITS, SearchError, SearchOptions, TrainOptions, artifact_max_rank, from_dict,
+                       gradient_directions)
 from ..spaces import KEYS, SearchSpace, SpaceError, load_space, parse_space
 from .search_results import METRIC, best_record, collect_rows, log_results, pick_best, write_results
 from .run_folder import claim, replacing_folder
@@ -339,8 +340,9 @@ def _shared_artifact(base: TrainOptions, space: SearchSpace, state: dict, given:
         artifact = SharedArtifact(base.artifact, given)
     elif kept is not None:
         artifact = SharedArtifact(kept, InitArtifact.load(kept))
-    else:
-        artifact = estimate_once(base, max_rank, out, plan)
+    else:  # enough singular triplets for every artifact init of the space at its largest rank
+        needed = max(artifact_max_rank(i, max_rank) for i in ARTIFACT_INITS if space.may_use(i, base.init))
+        artifact = estimate_once(base, needed, out, plan)
         tracking.log_init_artifact(state["tracking_uri"], state["parent_run_id"], artifact.loaded, out)
     state["artifact"] = artifact.path
     write_json(out / SEARCH_FILE, state)
