@@ -22,7 +22,10 @@ def test_steps_to_reach_uses_a_moving_mean():
 def test_collapsed_runs_are_flagged_not_timed():
     up_then_back = [{"step": i + 1, "train_loss": v} for i, v in enumerate([0.70] * 10 + [0.60] * 30 + [0.69] * 40)]
     steady = [{"step": i + 1, "train_loss": 0.7 - 0.004 * i} for i in range(80)]
-    assert collapsed(up_then_back) and not collapsed(steady)
+    slow = [{"step": i + 1, "train_loss": v} for i, v in enumerate([0.70] * 10 + [0.68] * 30 + [0.695] * 40)]
+    blew_up = [{"step": i + 1, "train_loss": v} for i, v in enumerate([0.70] * 40 + [2.0] * 40)]
+    assert collapsed(up_then_back) and collapsed(blew_up) and not collapsed(steady)
+    assert not collapsed(slow)  # barely moving is slow, not collapsed
     args = resolve_defaults(DemoOptions())
     assert (args.max_steps, args.batch_size, args.max_length) == tuple(DEMO_BUDGETS["demo-minilm"][k] for k in (
         "max_steps", "batch_size", "max_length"))  # the budget its learning rates were chosen at
