@@ -510,13 +510,17 @@ def _time_lines(record: dict) -> list[str]:
     trials = [r for r in record["runs"] if r.get("time_s")]
     out = [f"- {k.removesuffix('_s').replace('_', ' ')}: {v / 60:.1f} min" for k, v in t.items()
            if k.endswith("_s") and isinstance(v, (int, float)) and k != "total_s"]
-    with_train = [r for r in trials if r.get("train_s")]
-    if with_train:
-        wall = statistics.median(r["time_s"] for r in with_train)
-        train = statistics.median(r["train_s"] for r in with_train)
-        out.append(f"- {len(trials)} trials; per trial (median): {wall:.0f} s wall, of which {train:.0f} s in the "
-                   f"training loop (steps and evaluations) and {wall - train:.0f} s start-up and export "
-                   "(Ray Train controller and worker, model load, Ray Data pipeline, adapter export), two trials at a time")
+    for stage, label in ((None, "all"), ("lr", "learning-rate stage"), ("seeds", "seed stage")):
+        rows = [r for r in trials if r.get("train_s") and (stage is None or r.get("stage") == stage)]
+        if not rows:
+            continue
+        wall = statistics.median(r["time_s"] for r in rows)
+        train = statistics.median(r["train_s"] for r in rows)
+        out.append(f"- {label}: {len(rows)} trials; per trial (median) {wall:.0f} s wall, of which {train:.0f} s in the "
+                   f"training loop (steps and evaluations) and {wall - train:.0f} s start-up and export (Ray Train "
+                   "controller and worker, model load, Ray Data pipeline, adapter export); two trials at a time")
+    if record.get("timing_note"):
+        out.append(f"- {record['timing_note']}")
     return out
 
 
@@ -691,7 +695,9 @@ def main(argv=None) -> int:
 
             t0 = time.time()
             prev_file = RESULTS / "convergence" / f"{name + suffix}.json"
-            prev = json.loads(prev_file.read_text()).get("timings", {}) if prev_file.exists() else {}
+            prev_record = json.loads(prev_file.read_text()) if prev_file.exists() else {}
+            # earlier sessions of THIS harness's run count; a result file of the earlier harness does not
+            prev = prev_record.get("timings", {}) if "shared_lr" in prev_record else {}
             sessions = prev.get("sessions_s") or ([prev["total_s"]] if "total_s" in prev else [])
             record = run_experiment(name + suffix, EXPERIMENTS[name], work)
             gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""

@@ -315,8 +315,13 @@ def load_model(
         check_weights(Path(spec.path), allow_pickle=spec.allow_pickle_weights)
     try:
         if spec.task == "seq-cls":
+            # a checkpoint that already is a classifier, with another number of classes than the
+            # data: its head cannot hold them and is drawn anew (as the head of a bare encoder is)
+            other_head = any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])) \
+                and int(getattr(config, "num_labels", num_labels)) != num_labels
             model = AutoModelForSequenceClassification.from_pretrained(
-                spec.path, num_labels=num_labels, pad_token_id=pad_token_id, dtype=dtype, **kwargs
+                spec.path, num_labels=num_labels, pad_token_id=pad_token_id, dtype=dtype,
+                **(dict(ignore_mismatched_sizes=True) if other_head else {}), **kwargs
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **kwargs)
