@@ -108,6 +108,7 @@ def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, 
         max_steps=exp["max_steps"], batch_size=exp["batch_size"], max_length=exp["max_length"],
         eval_every=exp["eval_every"], eval_samples=exp["eval_samples"], eval_early_every=EARLY_EVERY,
         eval_early_until=EARLY_UNTIL, seed=seed, workers=1, device=DEVICE, experiment=f"convergence-{exp['model']}",
+        **{k: over[k] for k in ("head_warmup_steps", "head_warmup_lr") if k in over},
     )
     sopts = SearchOptions(space=_space_file(out, space), num_samples=1, max_concurrent=MAX_CONCURRENT,
                           grace_period=exp["max_steps"], name="search", resume=(out / "search.json").exists())

@@ -37,6 +37,10 @@ TRAIN_DTYPES = ("auto",) + DTYPES
 TASK_CHOICES = ("seq-cls", "causal-lm")
 COLUMN_FIELDS = ("text_column", "label_column", "prompt_column", "response_column")
 INIT_WORKER_CPUS = 0.25  # logical CPUs a gradient worker reserves: Ray Data's tasks need the rest
+HEAD_WARMUP_LR = 1e-3  # the head-first fit's lr (a linear probe on frozen features)
+HEAD_WARMUP_HELP = ("fit a new classifier head alone (every other weight frozen) for N steps on the estimate's sample, in "
+                    "its batches, before the gradient is taken (LoRA-GA, LoRA-One: the artifact carries that head) or "
+                    "before any other init (LoRA then is LP-FT); 0: off")
 
 
 def opt(default: Any = MISSING, help: str = "", **cli: Any):
@@ -78,6 +82,12 @@ def _positive_int(name: str, value, flag: str | None = None) -> None:
 def _positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
+
+
+def check_head_warmup(steps, lr) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"--head-warmup-steps must be an integer >= 0, got {steps!r}.")
+    _positive("head_warmup_lr", lr)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -135,9 +145,19 @@ class InitOptions:
                                                "600 on a joined cluster)")
     allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
                                             "code when loaded: only for files you trust")
+    head_warmup_steps: int = opt(0, "fit a new classifier head alone (every other weight frozen) for N AdamW steps on "
+                                    "the sample, in its batches, before the gradient is taken; the artifact carries "
+                                    "that head, and runs from it must ask for the same warm-up; 0: off")
+    head_warmup_lr: float = opt(HEAD_WARMUP_LR, "constant AdamW learning rate of --head-warmup-steps")
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before anything expensive starts."""
+        check_head_warmup(self.head_warmup_steps, self.head_warmup_lr)
+        if self.head_warmup_steps and self.init_strategy == "sharded":
+            raise ValueError("--head-warmup-steps fits the head on one gradient worker that holds the whole model; it "
+                             "does not run with --init-strategy sharded. Drop one of them.")
+        if self.head_warmup_steps and self.task == "causal-lm":
+            raise ValueError("--head-warmup-steps fits a new classifier head; a causal LM has none. Drop it.")
         for name in ("num_samples", "batch_size", "max_rank", "workers"):
             _positive_int(name, getattr(self, name), flag={"num_samples": "--init-samples"}.get(name))
         _choice("svd", self.svd, SVD_METHODS)
@@ -172,6 +192,7 @@ RUN_DEFINING = (
     "eval_every", "eval_samples", "checkpoint_every", "max_length", "seed", "target_modules",
     "init_samples", "init_batch_size", "task", "text_column", "label_column", "prompt_column",
     "response_column", "lora_dropout", "dtype", "head_lr", "eval_early_every", "eval_early_until",
+    "head_warmup_steps", "head_warmup_lr",
 )
 
 
@@ -259,6 +280,8 @@ class TrainOptions:
     lora_dropout: float = opt(0.0, "dropout on the LoRA path")
     allow_pickle_weights: bool = opt(False, "also load weights stored as a pickle (pytorch_model.bin), which can run "
                                             "code when loaded: only for files you trust")
+    head_warmup_steps: int = opt(0, HEAD_WARMUP_HELP)
+    head_warmup_lr: float = opt(HEAD_WARMUP_LR, "constant AdamW learning rate of --head-warmup-steps")
 
     @property
     def stable_gamma(self) -> float:
@@ -270,6 +293,7 @@ class TrainOptions:
     def validate(self) -> None:
         """Raise ValueError for options that cannot work, before anything is loaded."""
         _choice("init", self.init, INITS)
+        check_head_warmup(self.head_warmup_steps, self.head_warmup_lr)
         check_overwrite(self.overwrite, self.resume, self.out, self.artifact)
         if self.artifact is not None and self.init not in ARTIFACT_INITS:
             raise ValueError(f"--artifact is an init artifact for lora-ga or lora-one; it does not apply to --init "
@@ -345,6 +369,7 @@ class TrainOptions:
             dtype=self.dtype if self.dtype != "auto" else "float32",
             target_modules=self.target_modules, address=self.address, progress=progress,
             allow_pickle_weights=self.allow_pickle_weights,
+            head_warmup_steps=self.head_warmup_steps, head_warmup_lr=self.head_warmup_lr,
             num_labels=num_labels if task == "seq-cls" else None, **column_kwargs(self),
         )
 

@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
     add_options(g, InitOptions, ("split", "task", "text_column", "label_column", "prompt_column", "response_column",
                                  "num_labels", "target_modules", "allow_pickle_weights"))
     g = p.add_argument_group("the estimate")
-    add_options(g, InitOptions, ("num_samples", "batch_size", "max_rank", "seed", "svd", "max_length", "dtype"))
+    add_options(g, InitOptions, ("num_samples", "batch_size", "max_rank", "seed", "svd", "max_length", "dtype",
+                                 "head_warmup_steps", "head_warmup_lr"))
     g = p.add_argument_group("cluster")
     add_options(g, InitOptions, ("workers", "init_strategy", "gpus_per_worker", "cpus_per_worker", "address", "max_retries",
                                  "stall_timeout", "resource_timeout", "progress"))

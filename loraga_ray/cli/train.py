@@ -12,7 +12,7 @@ HELP = "fine-tune with LoRA-GA, LoRA, PiSSA, PEFT's LoRA-GA or full fine-tuning 
 
 WHAT = ("model", "data")
 ADAPTER = ("rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lora_dropout")
-OPTIMISATION = ("lr", "head_lr", "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm",
+OPTIMISATION = ("lr", "head_lr", "head_warmup_steps", "head_warmup_lr", "max_steps", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "max_length", "seed", "eval_every", "eval_samples", "eval_early_every",
                 "eval_early_until")
 INIT_STAGE = ("init_samples", "init_batch_size", "init_workers", "init_svd", "init_strategy")

@@ -128,9 +128,11 @@ def estimate_init(
     return InitArtifact(factors=factors, meta=meta, head=head)
 
 
-def head_meta(head, seed: int) -> dict:
-    """meta.json's ``head`` entry before the artifact is saved (saving adds the sha256)."""
+def head_meta(head, seed: int, warmup: dict | None = None) -> dict:
+    """meta.json's ``head`` entry before the artifact is saved (saving adds the sha256); with
+    ``warmup`` (:func:`loraga_ray.core.head.warm_up_head`'s stats) the head was fitted first."""
     if not head:
         return {}
     return {"head": {"seed": seed, "modules": sorted({n.rsplit(".", 1)[0] for n in head}),
-                     "shapes": {n: list(t.shape) for n, t in sorted(head.items())}}}
+                     "shapes": {n: list(t.shape) for n, t in sorted(head.items())},
+                     "warmup": dict(warmup) if warmup else {"steps": 0}}}

@@ -46,6 +46,7 @@ class GradientWorker:
         self.examples = self.tokens = 0
         self.sums = {}
         self.sharded = None  # the ShardedAccumulator, sharded strategy only
+        self.warm_steps = 0  # head warm-up steps done (worker 0, --head-warmup-steps)
         self._sum_bytes = 0
 
     def probe(self) -> dict:
@@ -119,6 +120,44 @@ class GradientWorker:
             "model_class": type(self.model).__name__,
             "head": {n: t.numpy() for n, t in head.items()},
         }
+
+    def warm_head(self, batches: list[dict], steps: int, lr: float, threads: int) -> dict:
+        """--head-warmup-steps, on one worker: fit the new head alone on the sample's ``batches``
+        (token lists, collated here); returns the fitted head, the new fingerprint and the losses."""
+        import torch
+
+        from ..core.artifact import head_state
+        from ..core.head import warm_up_head
+        from ..core.targets import classifier_heads
+        from ..data import collate
+
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        heads = classifier_heads(self.model)
+        collated = [collate(b, self.pad_id, self.task) for b in batches]
+        self.warm_steps = 0
+        stats = warm_up_head(self.model, collated, heads, steps=steps, lr=lr, device=self.device,
+                             on_step=lambda step: setattr(self, "warm_steps", step))
+        head = head_state(self.model, heads)
+        return {"head": {n: t.numpy() for n, t in head.items()}, "fingerprint": self._fingerprint(head), "stats": stats}
+
+    def set_head(self, head: dict) -> str:
+        """Put another worker's fitted head into this one's model; returns the new fingerprint."""
+        import torch
+
+        from ..core.artifact import head_state
+        from ..core.targets import classifier_heads
+
+        with torch.no_grad():
+            for name, value in head.items():
+                p = self.model.get_parameter(name)
+                p.copy_(torch.as_tensor(value).to(p.device, p.dtype))
+        return self._fingerprint(head_state(self.model, classifier_heads(self.model)))
+
+    def _fingerprint(self, head) -> str:
+        from ..core.artifact import weight_fingerprint
+
+        return weight_fingerprint(self.model, self.names, head)
 
     def memory(self) -> dict:
         """What this worker held: tensor bytes of its parameters and float32 sums, and its peak
@@ -223,6 +262,9 @@ class GradientWorker:
     def progress(self) -> tuple[int, int]:
         return self.examples, self.tokens
 
+    def warm_progress(self) -> int:
+        return self.warm_steps
+
     def layer(self, name: str) -> np.ndarray:
         return self.sums.pop(name).cpu().numpy()
 
@@ -287,6 +329,54 @@ def start_workers(opts: InitOptions, plan: WorkerResources, pg, task: str, num_l
             "see the same model files: install them in the cluster's setup or use shared storage."
         )
     return workers, infos, decision, streams
+
+
+def warm_heads(workers, infos: list[dict], batches: list[dict], opts: InitOptions) -> dict:
+    """--head-warmup-steps: worker 0 fits the new head on the whole sample, every other worker
+    takes that head, and all must then hold the same weights again. Updates ``infos`` (the head
+    and fingerprint the artifact records); returns the warm-up's stats. A worker that finishes
+    no step for ``opts.stall_timeout`` seconds counts as lost, as in the gradient stage."""
+    import ray
+
+    steps = opts.head_warmup_steps
+    ref = workers[0].warm_head.remote(batches, steps, opts.head_warmup_lr, torch_threads(infos))
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="head warm-up", unit="step", dynamic_ncols=True)
+    last, since = -1, time.perf_counter()
+    try:
+        while not ray.wait([ref], timeout=POLL_S)[0]:
+            done = ray.get(workers[0].warm_progress.remote(), timeout=max(POLL_S, opts.stall_timeout))
+            if done != last:
+                last, since = done, time.perf_counter()
+            elif time.perf_counter() - since > opts.stall_timeout:
+                raise WorkerLostError(f"gradient worker 0 finished no head warm-up step in {opts.stall_timeout:.0f}s "
+                                      f"(at step {done} of {steps})")
+            if bar is not None:
+                bar.n = done
+                bar.refresh()
+        got = ray.get(ref)
+        if bar is not None:
+            bar.n = steps
+            bar.refresh()
+        prints = ray.get([w.set_head.remote(got["head"]) for w in workers[1:]])
+    except WorkerLostError:
+        raise
+    except LOST_ERRORS as e:
+        raise WorkerLostError(f"a gradient worker died during the head warm-up: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        reraise_clean(e)
+    finally:
+        if bar is not None:
+            bar.close()
+    if any(p != got["fingerprint"] for p in prints):
+        raise RuntimeError("the gradient workers hold different weights after taking worker 0's warmed-up head; "
+                           "this is a bug, please report it.")
+    for info in infos:
+        info["head"], info["fingerprint"] = got["head"], got["fingerprint"]
+    return got["stats"]
 
 
 def kill_workers(workers) -> None:

@@ -45,6 +45,7 @@ from .gradient_worker import (
     reserve,
     run_gradient,
     start_workers,
+    warm_heads,
 )
 from .init_data import data_context, is_uri, path_for_tasks, read_sample, token_shards, token_streams
 from .init_strategy import Decision, decide, model_plan
@@ -131,6 +132,7 @@ class _Gradients:
     retries: int
     decision: Decision
     memory: list[dict]  # per worker: tensor bytes held and peak memory
+    warmup: dict | None = None  # --head-warmup-steps: steps, lr, batch size, first and last loss
 
     def total(self, key: str) -> int:
         return int(sum(r[key] for r in self.results))
@@ -145,6 +147,9 @@ def _estimate(opts: InitOptions, task: str) -> tuple[InitArtifact, dict]:
     times["read_s"] = time.perf_counter() - t0
     log.info("read: %d of %d rows sampled in %.1fs", sample.num_rows, info["dataset_rows"], times["read_s"])
     num_labels = _num_labels(opts, task, info["max_label"], info.get("label_names"))
+    if opts.head_warmup_steps and task != "seq-cls":
+        raise ValueError(f"--head-warmup-steps fits a new classifier head; this is a {task} run, whose model has none. "
+                         "Drop --head-warmup-steps.")
     plan = plan_workers("gradient workers", opts.workers, gpus_per_worker=opts.gpus_per_worker,
                         cpus_per_worker=opts.cpus_per_worker, address=opts.address,
                         resource_timeout=opts.resource_timeout)
@@ -179,6 +184,7 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
     run_opts = replace(opts, model=model)
     encoder = Encoder(model, task, opts.max_length)
     total = sample.num_rows
+    warm_batches = ray.put(warmup_batches(sample, encoder, opts.batch_size)) if opts.head_warmup_steps else None
     decided = []  # the strategy is decided once, from the first workers' memory, and kept on a retry
 
     def choose(probes):
@@ -204,6 +210,16 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
                                                        make_streams=make_streams)
             times["start_s"] = time.perf_counter() - t1
             log.info("%d gradient worker(s) on %s", len(workers), ", ".join(sorted({f"{i['host']}:{i['device']}" for i in infos})))
+            warmup = None
+            if warm_batches is not None:
+                if d.strategy == "sharded":
+                    raise ValueError("--head-warmup-steps runs on one gradient worker that holds the whole model, but "
+                                     f"this model needs the sharded strategy ({d.reason}); drop --head-warmup-steps.")
+                tw = time.perf_counter()
+                warmup = warm_heads(workers, infos, warm_batches, opts)
+                times["head_warmup_s"] = time.perf_counter() - tw
+                log.info("head warm-up: %d steps at lr %g, loss %.4f -> %.4f in %.1fs", warmup["steps"], warmup["lr"],
+                         warmup["loss_first"], warmup["loss_last"], times["head_warmup_s"])
             t2 = time.perf_counter()
             results = run_gradient(workers, infos, streams, replace(run_opts, batch_size=d.batch_size), total)
             times["gradient_s"] = time.perf_counter() - t2
@@ -220,7 +236,7 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
             times["reduce_s"], times["svd_s"] = red["reduce_s"], red["svd_s"]
             log.info("gradient: %d examples in %.1fs; reduce %.1fs (driver received %.2f MiB), svd %.1fs", total,
                      times["gradient_s"], times["reduce_s"], red["reduce_bytes"] / 2**20, times["svd_s"])
-            return _Gradients(results, infos, factors, red, retries=attempt, decision=d, memory=memory)
+            return _Gradients(results, infos, factors, red, retries=attempt, decision=d, memory=memory, warmup=warmup)
         except (WorkerLostError, *LOST_ERRORS) as e:  # a worker, or objects it owned, gone
             if not isinstance(e, WorkerLostError):
                 e = WorkerLostError(f"a gradient worker's results were lost ({type(e).__name__}: "
@@ -236,6 +252,20 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
             kill_workers(workers)
             remove_placement_group(pg)
     raise AssertionError("unreachable")
+
+
+def warmup_batches(sample, encoder, batch_size: int) -> list[dict]:
+    """The sample in its order, tokenised, in batches of ``batch_size`` (ragged token lists; the
+    worker collates them): the batches the head warm-up cycles through."""
+    from .init_data import SAMPLE_INDEX
+
+    table = sample.drop_columns([SAMPLE_INDEX])
+    out = []
+    for start in range(0, table.num_rows, batch_size):
+        chunk = table.slice(start, batch_size)
+        enc = encoder({name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names})
+        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+    return out
 
 
 def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, opts: InitOptions) -> tuple[dict, dict]:
@@ -350,7 +380,7 @@ def _meta(opts: InitOptions, task: str, num_labels: int, info: dict, grads: _Gra
             "max_length": opts.max_length,
             "model_dtype": opts.dtype,
             "batch_size": grads.decision.batch_size,
-            **head_meta(head, opts.seed),
+            **head_meta(head, opts.seed, grads.warmup),
         },
     )
     meta["model_class"] = info0["model_class"]
@@ -389,6 +419,7 @@ def _summary(opts: InitOptions, info: dict, grads: _Gradients, plan: WorkerResou
         "planned_bytes_per_worker": grads.decision.per_worker_bytes,
         "driver_bytes_received": int(red["reduce_bytes"]),
         "memory_per_worker": grads.memory,
+        "head_warmup": grads.warmup,
     }
 
 
@@ -413,7 +444,7 @@ def format_summary(summary: dict) -> str:
         f"examples {summary['num_examples']} ({summary['num_tokens']} tokens, {summary['num_targets']} targets) on "
         f"{summary['workers']} worker(s) {'/'.join(summary['devices'])}, {summary['nodes']} node(s); "
         f"per worker {summary['examples_per_worker']}",
-        "time  " + "  ".join(f"{k[:-2]} {summary[k]:.2f}s" for k in ("read_s", "start_s", "gradient_s", "reduce_s", "svd_s", "write_s") if k in summary)
+        "time  " + "  ".join(f"{k[:-2]} {summary[k]:.2f}s" for k in ("read_s", "start_s", "head_warmup_s", "gradient_s", "reduce_s", "svd_s", "write_s") if k in summary)
         + f"  total {summary['total_s']:.2f}s  ({summary['tokens_per_s']:.0f} tokens/s)",
         f"moved {summary['bytes_moved'] / mb:.1f} MiB (sample {summary['sample_bytes'] / mb:.2f}, reduce {summary['reduce_bytes'] / mb:.1f}); "
         f"driver peak RSS {summary['driver_peak_rss_mb']:.0f} MiB, reduce buffers {summary['reduce_peak_mb']:.1f} MiB",
@@ -424,6 +455,10 @@ def format_summary(summary: dict) -> str:
         kind = "CUDA max allocated" if summary["memory_per_worker"][0]["peak_device_bytes"] is not None else "peak RSS"
         lines.append(f"strategy {summary['strategy']} ({summary['strategy_reason']}); per worker weights+sums MiB [{held}], "
                      f"{kind} MiB [{peaks}]; driver received {summary['driver_bytes_received'] / mb:.2f} MiB from the workers")
+    if summary.get("head_warmup"):
+        w = summary["head_warmup"]
+        lines.append(f"head warm-up {w['steps']} steps of {w['batch_size']} at lr {w['lr']:g}: loss {w['loss_first']:.4f} -> "
+                     f"{w['loss_last']:.4f}" + (f" in {summary['head_warmup_s']:.2f}s" if "head_warmup_s" in summary else ""))
     if summary.get("retries"):
         lines.append(f"retries {summary['retries']} (a gradient worker was lost and its stage rerun)")
     if summary.get("out"):

@@ -15,7 +15,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from ..core.files import MARKER, OutputError, atomic_folder, output_kind, replacing, write_json, write_marker
@@ -71,7 +71,9 @@ def check_out_folder(opts: TrainOptions, out: Path) -> dict | None:
     if saved is None:
         raise ValueError(f"--resume: {out} holds no training run to continue (no {OPTIONS_FILE}). Drop --resume to start one.")
     current = asdict(opts)
-    differ = [k for k in RUN_DEFINING if k != "artifact" and saved.get(k) != current.get(k)]
+    # a key an older version did not save had its default then
+    defaults = {f.name: f.default for f in fields(TrainOptions) if f.default is not MISSING}
+    differ = [k for k in RUN_DEFINING if k != "artifact" and saved.get(k, defaults.get(k)) != current.get(k)]
     if current.get("artifact") not in (None, saved.get("artifact")):
         differ.append("artifact")
     if differ:

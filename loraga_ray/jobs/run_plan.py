@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..core.artifact import ArtifactError, InitArtifact
+from ..core.head import check_artifact_warmup
 from ..core.targets import check_rank_limit, find_target_modules, target_shapes
 from ..options import ARTIFACT_INITS, TrainOptions, artifact_max_rank, gradient_directions, load_kwargs
 
@@ -70,6 +71,8 @@ def plan_run(opts: TrainOptions, artifact: InitArtifact | None = None) -> RunPla
     plan = RunPlan(spec, task, num_labels, train_table, eval_table, eval_source, total_steps, steps_per_epoch, names,
                    shapes, new_head_modules(model, task), label_names(train_table) if task == "seq-cls" else None)
     check_rank(opts, shapes)
+    if opts.head_warmup_steps and not plan.heads:
+        raise ValueError(f"--head-warmup-steps fits a new classifier head, and this {task} run has none; drop it.")
     if opts.init in ARTIFACT_INITS and artifact is not None:
         check_artifact_fits(opts, plan, artifact, model)
     return plan
@@ -147,6 +150,7 @@ def check_artifact_fits(opts: TrainOptions, plan: RunPlan, artifact: InitArtifac
             f"{len(artifact.target_modules)} different ones; drop --target-modules (the artifact decides) or "
             "estimate a new artifact with them."
         )
+    check_artifact_warmup(artifact.meta, opts.head_warmup_steps, opts.head_warmup_lr, where)
     plan.target_modules = list(artifact.target_modules)
 
 

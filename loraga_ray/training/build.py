@@ -34,7 +34,7 @@ def artifact_from_payload(payload: dict) -> InitArtifact:
 
 
 def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None,
-                dtype: str = "float32", label_names: list[str] | None = None):
+                dtype: str = "float32", label_names: list[str] | None = None, device=None):
     """The base model (seeded head) with the chosen init applied, on CPU.
 
     The base is loaded in ``dtype`` (LoRA-GA's W0 - eta*B0A0 is computed per layer in float32
@@ -45,7 +45,11 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
     base kept: the model starts one rank-r gradient step away); lora: PEFT's default init; pissa: PEFT's PiSSA
     (the initial factors are recorded so save_adapter writes an adapter for the original base);
     full: every parameter trainable. All LoRA variants use the same rsLoRA setting, no dropout by
-    default, and train sequence-classification heads in full (modules_to_save)."""
+    default, and train sequence-classification heads in full (modules_to_save).
+
+    ``--head-warmup-steps``: the artifact inits take the head the init pipeline fitted; every
+    other init fits its head here, before its own init, in the same way on the same sample (on
+    ``device`` when given, e.g. the worker's GPU), so every method starts from the same head."""
     from peft import LoraConfig, get_peft_model
 
     from ..models import load_model, new_head_modules
@@ -56,6 +60,8 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
     model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed, dtype=load_dtype)
     set_label_names(model, label_names)
     heads = new_head_modules(model, task)
+    if opts.head_warmup_steps and opts.init not in ARTIFACT_INITS:
+        warm_up_run_head(opts, spec, task, model, heads, device)
     if opts.init == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -125,17 +131,43 @@ def note_head_seed(opts: TrainOptions, artifact: InitArtifact) -> None:
                  "through), not a new one; the seed still sets the data order", opts.seed, seed)
 
 
-def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:
-    """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
-    pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
-    from peft.tuners.lora import preprocess_loraga
-
+def estimate_batches(opts: TrainOptions, spec, task: str) -> list[dict]:
+    """The sample our init pipeline draws (init_samples rows of the train split, seed), in its
+    order, collated in batches of init_batch_size."""
     from ..data import Encoder, iter_batches, load_split, sample_table
     from ..models import load_tokenizer
 
     table = sample_table(load_split(opts.data, "train", **load_kwargs(opts)), opts.init_samples, opts.seed)
     tok = load_tokenizer(spec)
-    batches = list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
+    return list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
+
+
+def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str], device=None) -> dict:
+    """--head-warmup-steps for an init without an artifact: the init pipeline's warm-up
+    (core.head.warm_up_head) on the same sample, in the same batches, from the same head."""
+    from ..core.head import warm_up_head
+
+    moved = device is not None and torch.device(device) != next(model.parameters()).device
+    home = next(model.parameters()).device
+    if moved:
+        model.to(device)
+    try:
+        stats = warm_up_head(model, estimate_batches(opts, spec, task), heads, steps=opts.head_warmup_steps,
+                             lr=opts.head_warmup_lr, device=device)
+    finally:
+        if moved:
+            model.to(home)
+    log.info("head warm-up: %d steps at lr %g, loss %.4f -> %.4f", stats["steps"], stats["lr"], stats["loss_first"],
+             stats["loss_last"])
+    return stats
+
+
+def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:
+    """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
+    pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
+    from peft.tuners.lora import preprocess_loraga
+
+    batches = estimate_batches(opts, spec, task)
     device = next(model.parameters()).device
 
     def train_step():

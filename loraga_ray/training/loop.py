@@ -163,7 +163,7 @@ class WorkerRun:
         torch.manual_seed(self.opts.seed)
         self.label_names = config.get("label_names")
         model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact, dtype=self.dtype,
-                            label_names=self.label_names)
+                            label_names=self.label_names, device=None if self.sharded else self.device)
         del artifact
         self.model = prepare(model, strategy=self.strategy, device=self.device, dtype=self.dtype,
                              activation_checkpointing=self.opts.activation_checkpointing, world=self.world)
