@@ -294,6 +294,9 @@ class TrainOptions:
         """Raise ValueError for options that cannot work, before anything is loaded."""
         _choice("init", self.init, INITS)
         check_head_warmup(self.head_warmup_steps, self.head_warmup_lr)
+        if self.head_warmup_steps and self.init_strategy == "sharded":
+            raise ValueError("--head-warmup-steps fits the head on one gradient worker that holds the whole model; it "
+                             "does not run with --init-strategy sharded. Drop one of them.")
         check_overwrite(self.overwrite, self.resume, self.out, self.artifact)
         if self.artifact is not None and self.init not in ARTIFACT_INITS:
             raise ValueError(f"--artifact is an init artifact for lora-ga or lora-one; it does not apply to --init "

@@ -83,6 +83,7 @@ def estimate_init(
     progress: bool = False,
     total: int | None = None,
     heads: Sequence[str] | None = None,
+    warmup: Mapping | None = None,
 ) -> InitArtifact:
     """Estimate the LoRA-GA init of ``model`` on ``batches`` and return its artifact.
 
@@ -94,6 +95,9 @@ def estimate_init(
     ``heads``: modules whose weights the artifact keeps beside the factors because the gradient
     went through them (default: the classifier head of a ``*ForSequenceClassification`` model,
     none otherwise). A run trained from the artifact starts from exactly that head.
+
+    ``warmup``: the stats :func:`loraga_ray.core.head.warm_up_head` returned, when the head was
+    fitted first; the artifact records them, and a run from it must ask for that warm-up.
     """
     if svd not in SVD_METHODS:
         raise ValueError(f"svd={svd!r} is not one of {SVD_METHODS}.")
@@ -123,7 +127,7 @@ def estimate_init(
         base_model=base_model,
         dataset_fingerprint=dataset_fingerprint,
         timings={"gradient_s": round(t1 - t0, 4), "svd_s": round(t2 - t1, 4)},
-        extra={"num_batches": sums.num_batches, "workers": 1, **head_meta(head, seed)},
+        extra={"num_batches": sums.num_batches, "workers": 1, **head_meta(head, seed, warmup)},
     )
     return InitArtifact(factors=factors, meta=meta, head=head)
 

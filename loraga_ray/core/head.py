@@ -15,6 +15,7 @@ batches in order, cycling when there are fewer batches than steps; the model in 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 import torch
@@ -38,13 +39,22 @@ def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
                               "or a model without a sequence-classification head): drop --head-warmup-steps.")
     if not batches:
         raise HeadWarmupError("--head-warmup-steps: the estimate's sample is empty, there is nothing to fit the head on.")
-    params = [p for h in heads for p in model.get_submodule(h).parameters()]
+    modules = [model.get_submodule(h) for h in heads]
+    head_dtype = next(modules[0].parameters()).dtype
+    base_dtype = next(p for n, p in model.named_parameters() if not any(n.startswith(h + ".") for h in heads)).dtype
     before = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     if device is None:
         device = next(model.parameters()).device
+    device = torch.device(device)
+    # the head trains in float32 whatever the base's dtype (a bfloat16 base runs under autocast),
+    # as it does in the fine-tuning itself; it goes back to its dtype afterwards
+    autocast = torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32 else contextlib.nullcontext()
     losses = []
     try:
+        for m in modules:
+            m.float()
+        params = [p for m in modules for p in m.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
@@ -53,7 +63,8 @@ def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
         model.eval()
         for step in range(steps):
             batch = batches[step % len(batches)]
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            with autocast:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss.float()
             if not torch.isfinite(loss):
                 raise HeadWarmupError(f"the head warm-up's loss is {float(loss)} at step {step + 1}: lower "
                                       f"--head-warmup-lr (now {lr:g}).")
@@ -64,6 +75,8 @@ def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
             if on_step is not None:
                 on_step(step + 1)
     finally:
+        for m in modules:
+            m.to(head_dtype)
         for p, flag in before:
             p.requires_grad_(flag)
             p.grad = None
@@ -72,15 +85,21 @@ def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-def check_artifact_warmup(artifact_meta: Mapping, steps: int, lr: float, where: str) -> None:
-    """A run that starts from an artifact's head must ask for the warm-up that head had: otherwise
-    its LoRA-GA / LoRA-One run and a baseline beside it would start from different heads."""
+def check_artifact_warmup(artifact_meta: Mapping, steps: int, lr: float, where: str,
+                          batch_size: int | None = None) -> None:
+    """A run that starts from an artifact's head must ask for the warm-up that head had (steps,
+    lr and, given ``batch_size``, the estimate's batch size): otherwise its LoRA-GA / LoRA-One run
+    and a baseline beside it would start from different heads."""
     head = artifact_meta.get("head") or {}
     if not head:
         return
     had = head.get("warmup") or {}
-    had_steps, had_lr = int(had.get("steps", 0)), had.get("lr")
-    same = had_steps == steps and (steps == 0 or abs(float(had_lr) - lr) <= 1e-12 * max(1.0, abs(lr)))
+    had_steps, had_lr, had_batch = int(had.get("steps", 0)), float(had.get("lr") or "nan"), had.get("batch_size")
+    same = had_steps == steps and (steps == 0 or abs(had_lr - lr) <= 1e-12 * max(1.0, abs(lr)))
+    if same and steps and batch_size is not None and had_batch is not None and int(had_batch) != batch_size:
+        raise HeadWarmupError(
+            f"the artifact {where} carries a head fitted in batches of {had_batch}, but this run's --init-batch-size is "
+            f"{batch_size}: a method that fits its own head would fit another one. Pass --init-batch-size {had_batch}.")
     if not same:
         said = f"{had_steps} step(s) at lr {had_lr:g}" if had_steps else "no warm-up"
         asked = f"{steps} step(s) at lr {lr:g}" if steps else "no warm-up"

@@ -19,13 +19,15 @@ def joins_cluster(address: str | None) -> bool:
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-            min_cpus: int | None = None, quiet: bool = False, runtime_env: dict | None = None):
+            min_cpus: int | None = None, quiet: bool = False, runtime_env: dict | None = None,
+            logging_level: int | None = None):
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray whose
     dashboard listens on 127.0.0.1 only. Returns the ``ray`` module, initialised.
 
     ``num_cpus`` / ``num_gpus`` size the embedded instance; ``min_cpus`` gives it at least that
     many logical CPUs (and at least one per core): Train workers, Tune trials and Ray Data tasks
-    must not starve each other. All three are ignored when joining a cluster."""
+    must not starve each other. All three are ignored when joining a cluster. ``logging_level``:
+    that of Ray's own driver-side logger (default Ray's, INFO)."""
     import ray
 
     if ray.is_initialized():
@@ -34,6 +36,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         num_cpus = max(num_cpus or 0, os.cpu_count() or 1, int(min_cpus))
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(log_to_driver=not quiet, runtime_env=runtime_env)
+    if logging_level is not None:
+        kwargs["logging_level"] = logging_level
     if address:
         check_reachable(address)
         try:

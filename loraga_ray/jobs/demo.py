@@ -83,7 +83,8 @@ def _demo(args: DemoOptions, out: Path) -> int:
     spec = resolve_model(args.model)  # a clear error (with the pip command) before Ray starts
     if not args.verbose:
         hush_driver()
-    ray = connect(args.address, min_cpus=8, runtime_env=None if args.verbose else HUSHED_ENV)
+    ray = connect(args.address, min_cpus=8, runtime_env=None if args.verbose else HUSHED_ENV,
+                  logging_level=None if args.verbose else logging.ERROR)
     # one run at a time: its workers take the cores (not more threads than this machine has), one
     # CPU left for Ray Data
     cpus = float(max(1, min(int(ray.cluster_resources().get("CPU", 1)) - 1, os.cpu_count() or 1) // args.workers))
@@ -181,19 +182,35 @@ def _table(rows, metric, target, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the workers' environment without --verbose: transformers' load reports and progress bars off
 HUSHED_ENV = {"worker_process_setup_hook": "loraga_ray.jobs.demo.hush_worker",
               "env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
                            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
 
 
 def hush_driver() -> None:
-    """The demo's driver without Ray's deprecation warnings and MLflow's set-up lines."""
+    """The demo's driver without Ray's deprecation warnings and notices, MLflow's set-up lines,
+    transformers' load reports and progress bars, and our own INFO lines (the demo prints its
+    own): warnings and errors still show."""
     import warnings
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Ray's RayDeprecationWarning among them
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("mlflow", "alembic", "ray.data", "ray.tune", "ray.train"):
+    import importlib
+
+    importlib.import_module("mlflow")  # it sets its loggers' level when imported: set ours after that
+
+    for name in ("mlflow", "alembic", "loraga_ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("ray.data", "ray.tune", "ray.train"):  # e.g. Ray Data's "progress bars disabled" notice
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def hush_worker() -> None:
@@ -203,10 +220,3 @@ def hush_worker() -> None:
 
     quiet_ray_internals()
     hush_driver()
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass

@@ -150,7 +150,7 @@ def check_artifact_fits(opts: TrainOptions, plan: RunPlan, artifact: InitArtifac
             f"{len(artifact.target_modules)} different ones; drop --target-modules (the artifact decides) or "
             "estimate a new artifact with them."
         )
-    check_artifact_warmup(artifact.meta, opts.head_warmup_steps, opts.head_warmup_lr, where)
+    check_artifact_warmup(artifact.meta, opts.head_warmup_steps, opts.head_warmup_lr, where, opts.init_batch_size)
     plan.target_modules = list(artifact.target_modules)
 
 

@@ -140,6 +140,8 @@ def best_record(best: dict | None, space: SearchSpace, base) -> dict | None:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if not isinstance(v, bool))
     if config.get("use_rslora") is False:
         flags += " --no-rslora"
+    if getattr(base, "head_warmup_steps", 0) and "head_warmup_steps" not in config:  # every trial had it
+        flags += f" --head-warmup-steps {base.head_warmup_steps} --head-warmup-lr {base.head_warmup_lr:g}"
     record["train_command"] = f"loraga-ray train --model {base.model} --data {base.data} {flags}".strip()
     return record
 

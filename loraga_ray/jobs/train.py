@@ -94,7 +94,7 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | Non
         "model", "data", "init", "rank", "alpha", "gamma", "direction", "scale", "use_rslora", "lr", "batch_size",
         "workers", "seed", "max_steps", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
         "eval_every", "eval_samples", "target_modules", "artifact", "lora_dropout", "init_samples", "train_strategy",
-        "dtype", "activation_checkpointing", "head_lr")}
+        "dtype", "activation_checkpointing", "head_lr", "head_warmup_steps", "head_warmup_lr")}
     params["gamma"] = opts.stable_gamma  # the value used (--gamma, or the method's default)
     if plan is not None:
         params.update(task=plan.task, total_steps=plan.total_steps, eval_source=plan.eval_source,
@@ -163,6 +163,9 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
         "train_strategy": decision.strategy,
         "dtype": decision.dtype,
         "artifact_ref": ray.put(artifact_payload(artifact)) if opts.init in ARTIFACT_INITS else None,
+        # the estimate's sample, drawn here once, for the workers that fit their head on it (or run
+        # PEFT's LoRA-GA estimate): they need neither the data's path nor a read of their own
+        "estimate_sample_ref": ray.put(estimate_sample(opts, plan)) if needs_estimate_sample(opts) else None,
     }
     all_callbacks = list(callbacks)
     if mlflow_run_id is not None:
@@ -190,6 +193,19 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
     )
     trainer.mlflow_run_id = mlflow_run_id
     return trainer
+
+
+def needs_estimate_sample(opts: TrainOptions) -> bool:
+    """Whether a run's workers use the estimate's sample: PEFT's LoRA-GA, and a head warm-up of
+    an init without an artifact."""
+    return opts.init == "peft-lora-ga" or bool(opts.head_warmup_steps and opts.init not in ARTIFACT_INITS)
+
+
+def estimate_sample(opts: TrainOptions, plan: RunPlan):
+    """The sample the init pipeline draws (init_samples training rows, seed), from the plan's table."""
+    from ..data import sample_table
+
+    return sample_table(plan.train_table, opts.init_samples, opts.seed)
 
 
 def estimate_artifact(opts: TrainOptions, plan: RunPlan, dest: Path) -> InitArtifact:

@@ -34,7 +34,8 @@ def artifact_from_payload(payload: dict) -> InitArtifact:
 
 
 def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: InitArtifact | None = None,
-                dtype: str = "float32", label_names: list[str] | None = None, device=None):
+                dtype: str = "float32", label_names: list[str] | None = None, device=None,
+                restarting: bool = False, report=None, estimate_sample=None):
     """The base model (seeded head) with the chosen init applied, on CPU.
 
     The base is loaded in ``dtype`` (LoRA-GA's W0 - eta*B0A0 is computed per layer in float32
@@ -49,7 +50,11 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
 
     ``--head-warmup-steps``: the artifact inits take the head the init pipeline fitted; every
     other init fits its head here, before its own init, in the same way on the same sample (on
-    ``device`` when given, e.g. the worker's GPU), so every method starts from the same head."""
+    ``device`` when given, e.g. the worker's GPU), so every method starts from the same head. A
+    worker ``restarting`` from a checkpoint skips it (the checkpoint holds the trained head),
+    except for peft-lora-ga, whose init itself goes through the head. ``report(msg)`` is told
+    the warm-up's losses. ``estimate_sample``: the estimate's sample as the driver drew it (None:
+    drawn here from ``opts.data``)."""
     from peft import LoraConfig, get_peft_model
 
     from ..models import load_model, new_head_modules
@@ -60,8 +65,11 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
     model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed, dtype=load_dtype)
     set_label_names(model, label_names)
     heads = new_head_modules(model, task)
-    if opts.head_warmup_steps and opts.init not in ARTIFACT_INITS:
-        warm_up_run_head(opts, spec, task, model, heads, device)
+    if opts.head_warmup_steps and opts.init not in ARTIFACT_INITS and (not restarting or opts.init == "peft-lora-ga"):
+        stats = warm_up_run_head(opts, spec, task, model, heads, device, estimate_sample)
+        if report is not None:
+            report(f"head warm-up: {stats['steps']} steps of {stats['batch_size']} at lr {stats['lr']:g}, loss "
+                   f"{stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
     if opts.init == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -101,7 +109,7 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
         **extra,
     )
     if opts.init == "peft-lora-ga":
-        _peft_loraga_preprocess(opts, spec, task, model, config)
+        _peft_loraga_preprocess(opts, spec, task, model, config, estimate_sample)
     torch.manual_seed(opts.seed)
     peft_model = get_peft_model(model, config)
     if opts.init in ("pissa", "peft-lora-ga"):
@@ -131,18 +139,19 @@ def note_head_seed(opts: TrainOptions, artifact: InitArtifact) -> None:
                  "through), not a new one; the seed still sets the data order", opts.seed, seed)
 
 
-def estimate_batches(opts: TrainOptions, spec, task: str) -> list[dict]:
-    """The sample our init pipeline draws (init_samples rows of the train split, seed), in its
-    order, collated in batches of init_batch_size."""
+def estimate_batches(opts: TrainOptions, spec, task: str, table=None) -> list[dict]:
+    """The sample our init pipeline draws (init_samples rows of the train split, seed; ``table``
+    when the driver drew it), in its order, collated in batches of init_batch_size."""
     from ..data import Encoder, iter_batches, load_split, sample_table
     from ..models import load_tokenizer
 
-    table = sample_table(load_split(opts.data, "train", **load_kwargs(opts)), opts.init_samples, opts.seed)
+    if table is None:
+        table = sample_table(load_split(opts.data, "train", **load_kwargs(opts)), opts.init_samples, opts.seed)
     tok = load_tokenizer(spec)
     return list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
 
 
-def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str], device=None) -> dict:
+def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str], device=None, table=None) -> dict:
     """--head-warmup-steps for an init without an artifact: the init pipeline's warm-up
     (core.head.warm_up_head) on the same sample, in the same batches, from the same head."""
     from ..core.head import warm_up_head
@@ -152,7 +161,7 @@ def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str
     if moved:
         model.to(device)
     try:
-        stats = warm_up_head(model, estimate_batches(opts, spec, task), heads, steps=opts.head_warmup_steps,
+        stats = warm_up_head(model, estimate_batches(opts, spec, task, table), heads, steps=opts.head_warmup_steps,
                              lr=opts.head_warmup_lr, device=device)
     finally:
         if moved:
@@ -162,12 +171,12 @@ def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str
     return stats
 
 
-def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config) -> None:
+def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config, table=None) -> None:
     """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
     pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
     from peft.tuners.lora import preprocess_loraga
 
-    batches = estimate_batches(opts, spec, task)
+    batches = estimate_batches(opts, spec, task, table)
     device = next(model.parameters()).device
 
     def train_step():

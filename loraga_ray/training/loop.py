@@ -163,7 +163,11 @@ class WorkerRun:
         torch.manual_seed(self.opts.seed)
         self.label_names = config.get("label_names")
         model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact, dtype=self.dtype,
-                            label_names=self.label_names, device=None if self.sharded else self.device)
+                            label_names=self.label_names, device=None if self.sharded else self.device,
+                            restarting=ray.train.get_checkpoint() is not None,
+                            report=say if self.rank == 0 else None,
+                            estimate_sample=ray.get(config["estimate_sample_ref"])
+                            if config.get("estimate_sample_ref") is not None else None)
         del artifact
         self.model = prepare(model, strategy=self.strategy, device=self.device, dtype=self.dtype,
                              activation_checkpointing=self.opts.activation_checkpointing, world=self.world)
