@@ -81,7 +81,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, "-m", "loraga_ray.cli", "demo", "--out", str(out), "--max-steps", "4", "--eval-every", "2",
          "--eval-samples", "16", "--test-samples", "32", "--init-samples", "16", "--batch-size", "8",

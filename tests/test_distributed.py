@@ -502,3 +502,18 @@ def test_model_broken_only_on_a_worker_node(ray_session, assets, tmp_path, monke
     assert not out.exists()
     line = error_message(info.value)
     assert "model.safetensors is damaged or truncated" in line and "Traceback" not in line
+
+
+def test_embedded_ray_never_joins_a_head_started_on_this_machine(monkeypatch):
+    """No --address / RAY_ADDRESS: a new local instance (address="local"), even when `ray start
+    --head` runs here; plain ray.init() would join that head and then refuse num_cpus."""
+    import ray
+
+    from loraga_ray.jobs.cluster import connect
+
+    seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    connect(None, min_cpus=8)
+    assert seen["address"] == "local" and seen["num_cpus"] >= 8 and seen["dashboard_host"] == "127.0.0.1"

@@ -87,6 +87,13 @@ def test_a_bfloat16_base_fits_a_float32_head_and_keeps_its_dtypes():
     assert stats["loss_last"] < stats["loss_first"]
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # as it was
     assert not torch.equal(model.classifier.weight, before)
+    # a base with float32 parts (modules kept in float32) runs under autocast in its 16-bit dtype
+    from loraga_ray.core.head import _lowest_float_dtype
+
+    mixed = [torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int64)]
+    assert _lowest_float_dtype(mixed) == torch.bfloat16 and _lowest_float_dtype(mixed[:1]) == torch.float32
+    # the batch size recorded is the one asked for, also when the sample is smaller than a batch
+    assert warm_up_head(tiny_bert(0), data[:1], ["classifier"], steps=1, lr=1e-3, batch_size=8)["batch_size"] == 8
 
 
 def test_a_causal_lm_run_is_refused_before_anything_loads():

@@ -27,11 +27,13 @@ class HeadWarmupError(ValueError):
 
 
 def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], heads: Sequence[str], *,
-                 steps: int, lr: float, device: torch.device | str | None = None, on_step=None) -> dict:
+                 steps: int, lr: float, device: torch.device | str | None = None, on_step=None,
+                 batch_size: int | None = None) -> dict:
     """Train the modules ``heads`` of ``model`` alone for ``steps`` AdamW steps on ``batches``
     (collated; cycled in order). Every parameter's ``requires_grad`` and the train / eval mode
-    are restored afterwards; ``on_step(k)`` is called after step k. Returns what the run's metadata records: steps, lr, batch size and
-    the loss of the first and the last step."""
+    are restored afterwards; ``on_step(k)`` is called after step k. Returns what the run's
+    metadata records: steps, lr, the batch size (``batch_size``, the one asked for: the sample
+    may be smaller than one batch; default the first batch's) and the first and last step's loss."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise HeadWarmupError(f"--head-warmup-steps must be a positive integer here, got {steps!r}.")
     if not heads:
@@ -41,7 +43,7 @@ def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
         raise HeadWarmupError("--head-warmup-steps: the estimate's sample is empty, there is nothing to fit the head on.")
     modules = [model.get_submodule(h) for h in heads]
     head_dtype = next(modules[0].parameters()).dtype
-    base_dtype = next(p for n, p in model.named_parameters() if not any(n.startswith(h + ".") for h in heads)).dtype
+    base_dtype = _lowest_float_dtype(p for n, p in model.named_parameters() if not any(n.startswith(h + ".") for h in heads))
     before = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     if device is None:
@@ -81,8 +83,14 @@ def warm_up_head(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    return {"steps": steps, "lr": float(lr), "batch_size": int(len(batches[0]["labels"])),
+    return {"steps": steps, "lr": float(lr), "batch_size": int(batch_size or len(batches[0]["labels"])),
             "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _lowest_float_dtype(params) -> torch.dtype:
+    """The 16-bit dtype among these parameters (the one autocast must run in), else float32."""
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    return next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
 
 
 def check_artifact_warmup(artifact_meta: Mapping, steps: int, lr: float, where: str,

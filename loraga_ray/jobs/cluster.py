@@ -53,7 +53,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         env = dict(runtime_env or {})
         env.setdefault("worker_process_setup_hook", QUIET_HOOK)
         kwargs["runtime_env"] = env
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+        # address="local": a new instance of our own, even where a `ray start` head runs on this
+        # machine (plain ray.init() would join that one, and then refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 dashboard_host="127.0.0.1", **kwargs)
     return ray
 
 

@@ -189,20 +189,25 @@ HUSHED_ENV = {"worker_process_setup_hook": "loraga_ray.jobs.demo.hush_worker",
 
 
 def hush_driver() -> None:
-    """The demo's driver without Ray's deprecation warnings and notices, MLflow's set-up lines,
-    transformers' load reports and progress bars, and our own INFO lines (the demo prints its
-    own): warnings and errors still show."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # Ray's RayDeprecationWarning among them
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    """The demo's driver without --verbose: MLflow's set-up lines and our own INFO lines (the demo
+    prints its own) go, and with them what :func:`hush_worker` quiets in the workers."""
     import importlib
 
     importlib.import_module("mlflow")  # it sets its loggers' level when imported: set ours after that
-
     for name in ("mlflow", "alembic", "loraga_ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for name in ("ray.data", "ray.tune", "ray.train"):  # e.g. Ray Data's "progress bars disabled" notice
+    _hush()
+
+
+def _hush() -> None:
+    """Deprecation and future warnings (Ray's RayDeprecationWarning among them), Ray Data's, Tune's
+    and Train's notices below errors (e.g. "progress bars disabled"), transformers' load reports
+    and progress bars: off. Errors, and our own warnings, still show."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("ray.data", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -219,4 +224,4 @@ def hush_worker() -> None:
     from .cluster import quiet_ray_internals
 
     quiet_ray_internals()
-    hush_driver()
+    _hush()

@@ -121,7 +121,7 @@ class GradientWorker:
             "head": {n: t.numpy() for n, t in head.items()},
         }
 
-    def warm_head(self, batches: list[dict], steps: int, lr: float, threads: int) -> dict:
+    def warm_head(self, batches: list[dict], steps: int, lr: float, threads: int, batch_size: int) -> dict:
         """--head-warmup-steps, on one worker: fit the new head alone on the sample's ``batches``
         (token lists, collated here); returns the fitted head, the new fingerprint and the losses."""
         import torch
@@ -137,7 +137,7 @@ class GradientWorker:
         collated = [collate(b, self.pad_id, self.task) for b in batches]
         self.warm_steps = 0
         stats = warm_up_head(self.model, collated, heads, steps=steps, lr=lr, device=self.device,
-                             on_step=lambda step: setattr(self, "warm_steps", step))
+                             on_step=lambda step: setattr(self, "warm_steps", step), batch_size=batch_size)
         head = head_state(self.model, heads)
         return {"head": {n: t.numpy() for n, t in head.items()}, "fingerprint": self._fingerprint(head), "stats": stats}
 
@@ -339,7 +339,7 @@ def warm_heads(workers, infos: list[dict], batches: list[dict], opts: InitOption
     import ray
 
     steps = opts.head_warmup_steps
-    ref = workers[0].warm_head.remote(batches, steps, opts.head_warmup_lr, torch_threads(infos))
+    ref = workers[0].warm_head.remote(batches, steps, opts.head_warmup_lr, torch_threads(infos), opts.batch_size)
     bar = None
     if opts.progress:
         from tqdm.auto import tqdm

@@ -162,7 +162,7 @@ def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str
         model.to(device)
     try:
         stats = warm_up_head(model, estimate_batches(opts, spec, task, table), heads, steps=opts.head_warmup_steps,
-                             lr=opts.head_warmup_lr, device=device)
+                             lr=opts.head_warmup_lr, device=device, batch_size=opts.init_batch_size)
     finally:
         if moved:
             model.to(home)
