@@ -84,10 +84,14 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}.")
 
 
-def check_head_warmup(steps, lr) -> None:
+def check_head_warmup(steps, lr, init_strategy: str) -> None:
+    """--head-warmup-steps / --head-warmup-lr, for init and train alike."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"--head-warmup-steps must be an integer >= 0, got {steps!r}.")
     _positive("head_warmup_lr", lr)
+    if steps and init_strategy == "sharded":
+        raise ValueError("--head-warmup-steps fits the head on one gradient worker that holds the whole model; it "
+                         "does not run with --init-strategy sharded. Drop one of them.")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -152,10 +156,7 @@ class InitOptions:
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before anything expensive starts."""
-        check_head_warmup(self.head_warmup_steps, self.head_warmup_lr)
-        if self.head_warmup_steps and self.init_strategy == "sharded":
-            raise ValueError("--head-warmup-steps fits the head on one gradient worker that holds the whole model; it "
-                             "does not run with --init-strategy sharded. Drop one of them.")
+        check_head_warmup(self.head_warmup_steps, self.head_warmup_lr, self.init_strategy)
         if self.head_warmup_steps and self.task == "causal-lm":
             raise ValueError("--head-warmup-steps fits a new classifier head; a causal LM has none. Drop it.")
         for name in ("num_samples", "batch_size", "max_rank", "workers"):
@@ -293,10 +294,7 @@ class TrainOptions:
     def validate(self) -> None:
         """Raise ValueError for options that cannot work, before anything is loaded."""
         _choice("init", self.init, INITS)
-        check_head_warmup(self.head_warmup_steps, self.head_warmup_lr)
-        if self.head_warmup_steps and self.init_strategy == "sharded":
-            raise ValueError("--head-warmup-steps fits the head on one gradient worker that holds the whole model; it "
-                             "does not run with --init-strategy sharded. Drop one of them.")
+        check_head_warmup(self.head_warmup_steps, self.head_warmup_lr, self.init_strategy)
         check_overwrite(self.overwrite, self.resume, self.out, self.artifact)
         if self.artifact is not None and self.init not in ARTIFACT_INITS:
             raise ValueError(f"--artifact is an init artifact for lora-ga or lora-one; it does not apply to --init "

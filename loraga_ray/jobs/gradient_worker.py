@@ -122,21 +122,19 @@ class GradientWorker:
         }
 
     def warm_head(self, batches: list[dict], steps: int, lr: float, threads: int, batch_size: int) -> dict:
-        """--head-warmup-steps, on one worker: fit the new head alone on the sample's ``batches``
-        (token lists, collated here); returns the fitted head, the new fingerprint and the losses."""
+        """--head-warmup-steps, on one worker: fit the new head alone on the sample's collated
+        ``batches``; returns the fitted head, the new fingerprint and the losses."""
         import torch
 
         from ..core.artifact import head_state
         from ..core.head import warm_up_head
         from ..core.targets import classifier_heads
-        from ..data import collate
 
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
         heads = classifier_heads(self.model)
-        collated = [collate(b, self.pad_id, self.task) for b in batches]
         self.warm_steps = 0
-        stats = warm_up_head(self.model, collated, heads, steps=steps, lr=lr, device=self.device,
+        stats = warm_up_head(self.model, batches, heads, steps=steps, lr=lr, device=self.device,
                              on_step=lambda step: setattr(self, "warm_steps", step), batch_size=batch_size)
         head = head_state(self.model, heads)
         return {"head": {n: t.numpy() for n, t in head.items()}, "fingerprint": self._fingerprint(head), "stats": stats}

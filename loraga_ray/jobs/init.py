@@ -184,7 +184,7 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
     run_opts = replace(opts, model=model)
     encoder = Encoder(model, task, opts.max_length)
     total = sample.num_rows
-    warm_batches = ray.put(warmup_batches(sample, encoder, opts.batch_size)) if opts.head_warmup_steps else None
+    warm_batches = ray.put(warmup_batches(sample, encoder, opts.batch_size, task)) if opts.head_warmup_steps else None
     decided = []  # the strategy is decided once, from the first workers' memory, and kept on a retry
 
     def choose(probes):
@@ -254,18 +254,14 @@ def _gradient_stage(opts: InitOptions, plan: WorkerResources, sample, task: str,
     raise AssertionError("unreachable")
 
 
-def warmup_batches(sample, encoder, batch_size: int) -> list[dict]:
-    """The sample in its order, tokenised, in batches of ``batch_size`` (ragged token lists; the
-    worker collates them): the batches the head warm-up cycles through."""
+def warmup_batches(sample, encoder, batch_size: int, task: str) -> list[dict]:
+    """The sample in its order, collated in batches of ``batch_size``: the batches the head
+    warm-up cycles through (those ``training.build.estimate_batches`` gives a Train worker)."""
+    from ..data import iter_batches
     from .init_data import SAMPLE_INDEX
 
-    table = sample.drop_columns([SAMPLE_INDEX])
-    out = []
-    for start in range(0, table.num_rows, batch_size):
-        chunk = table.slice(start, batch_size)
-        enc = encoder({name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names})
-        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
-    return out
+    return list(iter_batches(sample.drop_columns([SAMPLE_INDEX]), encoder, batch_size,
+                             encoder.tokenizer.pad_token_id, task))
 
 
 def reduce_and_factorize(workers, names, num_examples: int, num_targets: int, opts: InitOptions) -> tuple[dict, dict]:

@@ -65,8 +65,11 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
     model = load_model(spec, task=task, num_labels=num_labels, seed=opts.seed, dtype=load_dtype)
     set_label_names(model, label_names)
     heads = new_head_modules(model, task)
-    if opts.head_warmup_steps and opts.init not in ARTIFACT_INITS and (not restarting or opts.init == "peft-lora-ga"):
-        stats = warm_up_run_head(opts, spec, task, model, heads, device, estimate_sample)
+    warm = opts.head_warmup_steps and opts.init not in ARTIFACT_INITS and (not restarting or opts.init == "peft-lora-ga")
+    # the estimate's sample, tokenised once for both its users here
+    batches = estimate_batches(opts, spec, task, estimate_sample) if warm or opts.init == "peft-lora-ga" else None
+    if warm:
+        stats = warm_up_run_head(opts, model, heads, batches, device)
         if report is not None:
             report(f"head warm-up: {stats['steps']} steps of {stats['batch_size']} at lr {stats['lr']:g}, loss "
                    f"{stats['loss_first']:.4f} -> {stats['loss_last']:.4f}")
@@ -109,7 +112,7 @@ def build_model(opts: TrainOptions, spec, task: str, num_labels: int, artifact: 
         **extra,
     )
     if opts.init == "peft-lora-ga":
-        _peft_loraga_preprocess(opts, spec, task, model, config, estimate_sample)
+        _peft_loraga_preprocess(model, config, batches)
     torch.manual_seed(opts.seed)
     peft_model = get_peft_model(model, config)
     if opts.init in ("pissa", "peft-lora-ga"):
@@ -151,9 +154,10 @@ def estimate_batches(opts: TrainOptions, spec, task: str, table=None) -> list[di
     return list(iter_batches(table, Encoder(tok, task, max_length=opts.max_length), opts.init_batch_size, tok.pad_token_id, task))
 
 
-def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str], device=None, table=None) -> dict:
+def warm_up_run_head(opts: TrainOptions, model, heads: list[str], batches: list[dict], device=None) -> dict:
     """--head-warmup-steps for an init without an artifact: the init pipeline's warm-up
-    (core.head.warm_up_head) on the same sample, in the same batches, from the same head."""
+    (core.head.warm_up_head) on the same sample's ``batches`` (:func:`estimate_batches`), from
+    the same head."""
     from ..core.head import warm_up_head
 
     moved = device is not None and torch.device(device) != next(model.parameters()).device
@@ -161,7 +165,7 @@ def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str
     if moved:
         model.to(device)
     try:
-        stats = warm_up_head(model, estimate_batches(opts, spec, task, table), heads, steps=opts.head_warmup_steps,
+        stats = warm_up_head(model, batches, heads, steps=opts.head_warmup_steps,
                              lr=opts.head_warmup_lr, device=device, batch_size=opts.init_batch_size)
     finally:
         if moved:
@@ -171,12 +175,12 @@ def warm_up_run_head(opts: TrainOptions, spec, task: str, model, heads: list[str
     return stats
 
 
-def _peft_loraga_preprocess(opts: TrainOptions, spec, task: str, model, config, table=None) -> None:
+def _peft_loraga_preprocess(model, config, batches: list[dict]) -> None:
     """PEFT's built-in LoRA-GA (a baseline): its gradient estimate on the same sample our init
-    pipeline draws (init_samples rows of the train split, seed), in batches of init_batch_size."""
+    pipeline draws (:func:`estimate_batches`: init_samples rows of the train split, seed, in
+    batches of init_batch_size)."""
     from peft.tuners.lora import preprocess_loraga
 
-    batches = estimate_batches(opts, spec, task, table)
     device = next(model.parameters()).device
 
     def train_step():
