@@ -85,6 +85,7 @@ GPU_SETTINGS = {
 RANK, ALPHA = 8, 16.0
 MAX_CONCURRENT = 2
 DEVICE = "auto"
+TRIAL_RUNNER = "auto"  # --trial-runner: single-worker CPU trials train inside their Tune trial
 EXTEND_EDGES = False  # the edge rule of edge_points(); --extend-edges turns it on
 
 
@@ -111,6 +112,7 @@ def _search(exp: dict, out: Path, init: str, space: dict, artifact: str | None, 
         **{k: over[k] for k in ("head_warmup_steps", "head_warmup_lr") if k in over},
     )
     sopts = SearchOptions(space=_space_file(out, space), num_samples=1, max_concurrent=MAX_CONCURRENT,
+                          trial_runner=TRIAL_RUNNER,
                           grace_period=exp["max_steps"], name="search", resume=(out / "search.json").exists())
     return search(base, sopts, out=out)
 
@@ -517,9 +519,12 @@ def _time_lines(record: dict) -> list[str]:
             continue
         wall = statistics.median(r["time_s"] for r in rows)
         train = statistics.median(r["train_s"] for r in rows)
+        runner = record.get("trial_runner", "ray-train")
+        what = ("the trial's process: model load, Ray Data pipeline, adapter export" if runner == "in-process" else
+                "Ray Train controller and worker, model load, Ray Data pipeline, adapter export")
         out.append(f"- {label}: {len(rows)} trials; per trial (median) {wall:.0f} s wall, of which {train:.0f} s in the "
-                   f"training loop (steps and evaluations) and {wall - train:.0f} s start-up and export (Ray Train "
-                   "controller and worker, model load, Ray Data pipeline, adapter export); two trials at a time")
+                   f"training loop (steps and evaluations) and {wall - train:.0f} s start-up and export ({what}); "
+                   f"{record.get('max_concurrent', 2)} trials at a time, each trial {runner}")
     if record.get("timing_note"):
         out.append(f"- {record['timing_note']}")
     return out
@@ -658,6 +663,13 @@ def _plots(name, record, sums, metric):
     plt.close(fig)
 
 
+def _runner_used() -> str:
+    """What --trial-runner auto meant here: in-process for one CPU worker per trial."""
+    if TRIAL_RUNNER != "auto":
+        return TRIAL_RUNNER
+    return "ray-train" if DEVICE == "cuda" else "in-process"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiments", default="minilm", help="comma-separated: minilm, smollm2 (default: %(default)s)")
@@ -668,12 +680,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: the 2-core sizes (default); cuda: one GPU per trial and the larger GPU_SETTINGS, "
                          "results in <experiment>_gpu.json")
+    ap.add_argument("--trial-runner", choices=["auto", "ray-train", "in-process"], default="auto",
+                    help="how each trial trains (loraga-ray tune --trial-runner; auto: in the Tune trial's own "
+                         "process for one CPU worker, see results/trial_runner.md)")
     ap.add_argument("--extend-edges", action="store_true",
                     help="when a method's best lr is on the grid's edge, add one point beyond it for every method "
                          "(off by default: the default run fits the 2-core time budget without it)")
     args = ap.parse_args(argv)
-    global MAX_CONCURRENT, RESULTS, DEVICE, EXTEND_EDGES
+    global MAX_CONCURRENT, RESULTS, DEVICE, EXTEND_EDGES, TRIAL_RUNNER
     EXTEND_EDGES = args.extend_edges
+    TRIAL_RUNNER = args.trial_runner
     MAX_CONCURRENT = args.max_concurrent
     DEVICE = args.device
     suffix = ""
@@ -698,11 +714,14 @@ def main(argv=None) -> int:
             prev_file = RESULTS / "convergence" / f"{name + suffix}.json"
             prev_record = json.loads(prev_file.read_text()) if prev_file.exists() else {}
             # earlier sessions of THIS harness's run count; a result file of the earlier harness does not
-            prev = prev_record.get("timings", {}) if "shared_lr" in prev_record else {}
+            # (only when the searches are there to resume: a run in a fresh --work starts the clock again)
+            resumed = (work / (name + suffix)).is_dir()
+            prev = prev_record.get("timings", {}) if "shared_lr" in prev_record and resumed else {}
             sessions = prev.get("sessions_s") or ([prev["total_s"]] if "total_s" in prev else [])
             record = run_experiment(name + suffix, EXPERIMENTS[name], work)
             gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" and torch.cuda.is_available() else ""
             record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
+            record.update(trial_runner=_runner_used(), max_concurrent=MAX_CONCURRENT)
             # a resumed run adds to the earlier sessions' time: total_s is what the whole benchmark cost
             record["timings"]["sessions_s"] = sessions + [time.time() - t0]
             record["timings"]["total_s"] = sum(record["timings"]["sessions_s"])

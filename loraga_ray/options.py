@@ -401,6 +401,9 @@ class SearchError(ValueError):
     """A search that cannot start (or resume) as asked."""
 
 
+TRIAL_RUNNERS = ("auto", "ray-train", "in-process")
+
+
 @dataclass
 class SearchOptions:
     """How to search; the training options themselves are a :class:`TrainOptions`."""
@@ -416,6 +419,10 @@ class SearchOptions:
     overwrite: bool = opt(False, "replace the search already in --out (kept, moved aside, until the new search ends "
                                  "well; one that fails puts it back)")
     trial_cpus: float = opt(0.1, "logical CPUs the Tune trial function itself reserves")
+    trial_runner: str = opt("auto", "how each trial trains: 'ray-train' (a Ray Train run per trial), 'in-process' (the "
+                                    "training loop inside the Tune trial: one CPU worker only, no Train controller and "
+                                    "worker to start per trial) or 'auto' (in-process for --workers 1 on CPU)",
+                            choices=TRIAL_RUNNERS)
 
     def validate(self, base: TrainOptions) -> None:
         check_overwrite(self.overwrite, self.resume, base.out, base.artifact)
@@ -427,6 +434,11 @@ class SearchOptions:
         if self.reduction_factor < 2:
             raise SearchError(f"--reduction-factor must be >= 2 (ASHA keeps 1/factor of the trials at each rung), "
                               f"got {self.reduction_factor}.")
+        if self.trial_runner not in TRIAL_RUNNERS:
+            raise SearchError(f"--trial-runner must be one of {', '.join(TRIAL_RUNNERS)}, got {self.trial_runner!r}.")
+        if self.trial_runner == "in-process" and base.workers != 1:
+            raise SearchError(f"--trial-runner in-process trains each trial inside its Tune trial, on one worker; "
+                              f"--workers is {base.workers}. Use --trial-runner ray-train (or auto) for multi-worker trials.")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise SearchError(f"--name {self.name!r} must be a plain folder name.")
         if base.max_steps is None and base.epochs is None:

@@ -261,3 +261,122 @@ def test_search_one_estimate_mlflow_results_resume(ray_session, tiny_model, tiny
     assert calls == [4] and count_estimates(out) == 1
     assert sorted(line.split(",")[0] for line in (out / "trials.csv").read_text().splitlines()[1:]) == trial_ids
     assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# trials in the Tune trial's own process (--trial-runner): the same run as a Ray Train trial
+# ---------------------------------------------------------------------------------------------
+
+
+def _trial_results(res) -> dict:
+    """{rank: (history, adapter tensors)} of a search's completed trials."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for row in res.rows:
+        trial = res.out / "trials" / row["trial_id"]
+        history = json.loads((trial / "metrics.json").read_text())["history"]
+        found[row["rank"]] = (history, load_file(str(trial / "adapter" / "adapter_model.safetensors")), row["trial_id"])
+    return found
+
+
+def test_in_process_trials_are_the_ray_train_trials(ray_session, tiny_model, tiny_data, small_artifact, tmp_path):
+    """The same space searched with each trial a Ray Train run and with each trial training in
+    its Tune trial's process (the default for one CPU worker): the same per-step losses, eval
+    metrics and exported adapters (float32, one thread: to 1e-6), each checkpoint in the trial's
+    storage, Tune's results and MLflow's per-step metrics alike."""
+    from mlflow.tracking import MlflowClient
+
+    space = write_space(tmp_path, "rank: {grid: [1, 2]}\nlr: 1.0e-3\n")
+    runs = {}
+    for runner in ("ray-train", "auto"):
+        base = base_options(tiny_model, tiny_data, tmp_path / runner, init="lora-ga", artifact=str(small_artifact),
+                            max_steps=4, eval_every=2)
+        res = search(base, SearchOptions(space=str(space), max_concurrent=1, grace_period=4, trial_runner=runner))
+        assert not res.interrupted and all(r["status"] == "completed" and r["steps"] == 4 for r in res.rows), res.rows
+        runs[runner] = (res, _trial_results(res))
+    (train_res, train), (local_res, local) = runs["ray-train"], runs["auto"]
+    assert sorted(train) == sorted(local) == [1, 2]
+    for rank in (1, 2):
+        (h_train, a_train, id_train), (h_local, a_local, id_local) = train[rank], local[rank]
+        assert [h["step"] for h in h_local] == [1, 2, 3, 4]
+        for a, b in zip(h_train, h_local):
+            for key in ("train_loss", "grad_norm", "lr", "eval_loss", "eval_accuracy"):
+                assert (key in a) == (key in b)
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (rank, a["step"], key)
+        assert a_train.keys() == a_local.keys() and a_local
+        assert max(float((a_train[k] - a_local[k]).abs().max()) for k in a_train) <= 1e-6
+        # where the checkpoints are: Ray Train's run folder, or this runner's numbered ones
+        local_ckpts = sorted(p.name for p in (local_res.out / "train" / id_local).glob("checkpoint_*"))
+        assert local_ckpts == ["checkpoint_00000002", "checkpoint_00000004"]
+        assert not list((train_res.out / "train" / id_train).glob("**/checkpoint_0000000*"))
+        assert list((train_res.out / "train" / id_train).glob("**/checkpoint_*"))
+        # Tune saw the same eval_loss; MLflow holds each step once
+        rows = {r["rank"]: r for r in local_res.rows}
+        assert rows[rank]["eval_loss"] == pytest.approx(h_train[-1]["eval_loss"], rel=1e-6)
+    client = MlflowClient(tracking_uri=local_res.tracking_uri)
+    children = client.search_runs([client.get_run(local_res.parent_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{local_res.parent_run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == [1, 2, 3, 4]
+    assert json.loads((local_res.out / "search.json").read_text())["search"]["trial_runner"] == "auto"
+
+
+def test_in_process_trial_killed_from_outside_resumes_from_its_checkpoint(ray_session, tiny_model, tiny_data,
+                                                                          small_artifact, tmp_path):
+    """The process of an in-process trial SIGKILLed (from outside, once the trial has a
+    checkpoint): with --max-failures 1 Tune restarts the trial, which resumes from its last
+    checkpoint and ends with the adapter of an uninterrupted trial (max abs diff <= 1e-6); MLflow
+    holds each step once."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tiny import ray_processes_of_this_session
+
+    space = write_space(tmp_path, "rank: 2\nlr: 1.0e-3\n")
+    common = dict(init="lora-ga", artifact=str(small_artifact), max_steps=40, eval_every=20, checkpoint_every=4,
+                  max_failures=1)
+    plain = search(base_options(tiny_model, tiny_data, tmp_path / "plain", **common),
+                   SearchOptions(space=str(space), grace_period=40))
+    out = tmp_path / "killed"
+    killed = []
+
+    def kill_after_a_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list((out / "train").glob("*/checkpoint_00000008")):
+            time.sleep(0.02)
+        for proc in ray_processes_of_this_session():
+            if "ImplicitFunc" in " ".join(proc.cmdline()) or "run_trial" in " ".join(proc.cmdline()):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+
+    thread = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    thread.start()
+    res = search(base_options(tiny_model, tiny_data, out, **common), SearchOptions(space=str(space), grace_period=40))
+    thread.join(timeout=10)
+    assert len(killed) == 1, "no trial process was found to kill"
+    assert not res.interrupted and res.rows[0]["status"] == "completed" and res.rows[0]["steps"] == 40
+    (h_plain, a_plain, _), = _trial_results(plain).values()
+    (h_kill, a_kill, trial_id), = _trial_results(res).values()
+    assert max(float((a_plain[k] - a_kill[k]).abs().max()) for k in a_plain) <= 1e-6
+    assert [h["step"] for h in h_kill] == list(range(1, 41))
+    assert h_kill[-1]["eval_loss"] == pytest.approx(h_plain[-1]["eval_loss"], abs=1e-6)
+    run_id = json.loads((out / "trials" / trial_id / "mlflow_run.json").read_text())["mlflow_run_id"]
+    steps = sorted(m.step for m in MlflowClient(tracking_uri=res.tracking_uri).get_metric_history(run_id, "train_loss"))
+    assert steps == list(range(1, 41))
+    assert not list((out / "train" / trial_id).glob(".checkpoint_*"))  # the lost process's unfinished copy is gone
+
+
+def test_trial_runner_mistakes(tiny_model, tiny_data, tmp_path):
+    space = write_space(tmp_path, "lr: 1.0e-3\n")
+    base = base_options(tiny_model, tiny_data, tmp_path / "s", init="lora", workers=2, batch_size=8)
+    with pytest.raises(SearchError, match=r"--trial-runner in-process .* --workers is 2"):
+        search(base, SearchOptions(space=str(space), trial_runner="in-process"))
+    with pytest.raises(SearchError, match=r"--trial-runner must be one of auto, ray-train, in-process"):
+        search(base, SearchOptions(space=str(space), trial_runner="threads"))
+    assert not (tmp_path / "s").exists()

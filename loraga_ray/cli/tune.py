@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_groups(parser, suppress_default=False)
     g = parser.add_argument_group("more")
     add_option(g, SearchOptions, "trial_cpus")
+    add_option(g, SearchOptions, "trial_runner")
     # 0.1.0 spelled the estimate's SVD method --svd here
     g.add_argument("--svd", dest="init_svd", action=Deprecated, new_flag="--init-svd", choices=("randomized", "exact"),
                    default=argparse.SUPPRESS, help="deprecated spelling of --init-svd")

@@ -274,6 +274,7 @@ def _new_or_resumed(base: TrainOptions | None, sopts: SearchOptions, out: Path):
             if saved.get(old) is not None and old in saved:
                 base = dataclasses.replace(base, **{new: saved[old]})
         space = parse_space(state["space"], source=state.get("space_file") or str(out / SEARCH_FILE))
+        saved.setdefault("trial_runner", "ray-train")  # a search from before --trial-runner: its trials' checkpoints are Train's
         keep = {f.name for f in dataclasses.fields(SearchOptions)} - {"resume", "overwrite"}
         sopts = dataclasses.replace(sopts, **{k: v for k, v in saved.items() if k in keep}, resume=True)
         return base, sopts, space, state
@@ -437,9 +438,27 @@ def _search(base: TrainOptions | None, sopts: SearchOptions, out: Path, callback
     )
 
 
+def trials_in_process(base: TrainOptions, sopts: SearchOptions) -> bool:
+    """Whether trials train inside their Tune trial (:mod:`loraga_ray.training.local`):
+    ``--trial-runner in-process``, or ``auto`` for single-worker trials on CPU. Ray must be up."""
+    if sopts.trial_runner == "ray-train":
+        return False
+    from .train import plan_train_workers
+
+    cuda = plan_train_workers(base).cuda
+    if sopts.trial_runner == "in-process":
+        if cuda:
+            raise SearchError("--trial-runner in-process trains on CPU only, and these trials would get a GPU (--device). "
+                              "Use --trial-runner ray-train (or auto), or --device cpu.")
+        return True
+    return base.workers == 1 and not cuda
+
+
 def _run_tuner(base, sopts, space, out, artifact: SharedArtifact | None, parent_run_id, tracking_uri, callbacks, total_steps: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    from .train import max_failures
 
     setup = {
         "base": dataclasses.asdict(base),
@@ -451,7 +470,12 @@ def _run_tuner(base, sopts, space, out, artifact: SharedArtifact | None, parent_
         "train_storage": str(out / TRAIN_DIR),
         "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
     }
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": sopts.trial_cpus})
+    setup["in_process"] = in_process = trials_in_process(base, sopts)
+    # an in-process trial holds its worker's CPUs itself (a Ray Train trial's worker reserves them)
+    trial_cpus = sopts.trial_cpus + (base.cpus_per_worker if in_process else 0.0)
+    log.info("trials train %s", "in their Tune trial's process (one CPU worker each; --trial-runner)" if in_process
+             else "as Ray Train runs")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": trial_cpus})
     experiment_path = out / sopts.name
     with _lenient_metric_checking():
         if sopts.resume and tune.Tuner.can_restore(str(experiment_path)):
@@ -468,7 +492,10 @@ def _run_tuner(base, sopts, space, out, artifact: SharedArtifact | None, parent_
                 trainable,
                 param_space=space.param_space(),
                 tune_config=tune.TuneConfig(num_samples=sopts.num_samples, max_concurrent_trials=sopts.max_concurrent, scheduler=scheduler),
-                run_config=tune.RunConfig(name=sopts.name, storage_path=str(out), callbacks=list(callbacks)),
+                run_config=tune.RunConfig(name=sopts.name, storage_path=str(out), callbacks=list(callbacks),
+                                          # an in-process trial restarts (from its last checkpoint) as a
+                                          # lost Ray Train worker would
+                                          failure_config=tune.FailureConfig(max_failures=max_failures(base) if in_process else 0)),
             )
         grid = tuner.fit()
     # Trial statuses as saved on disk: after an interrupt (Ctrl+C) Tune saves the experiment with

@@ -1,5 +1,7 @@
-"""One trial of a search: a Ray Train run driven from a Ray Tune function, its reports forwarded
-to Tune, its outputs in ``<out>/trials/<trial id>``, its MLflow run a child of the search's."""
+"""One trial of a search: a Ray Train run driven from a Ray Tune function (or, for a single-worker
+CPU trial, the same training loop inside that function: :mod:`loraga_ray.training.local`), its
+reports forwarded to Tune, its outputs in ``<out>/trials/<trial id>``, its MLflow run a child of
+the search's."""
 
 from __future__ import annotations
 
@@ -16,32 +18,53 @@ TRIAL_RUN_FILE = "mlflow_run.json"
 ASHA_TIME = "asha_step"  # "step" in every report Tune gets except the final one
 
 
+def tune_result(report: dict) -> dict | None:
+    """What Tune gets of a run's report: only evaluation reports (and the final one) — ASHA needs
+    only those, and every result Tune takes holds up the Train controller, so per-step reports
+    stay out of Tune (they still reach MLflow). The final report's ``done``, which Tune would take
+    as its own stop signal and tear the trial down while the run is still saving, becomes
+    ``train_done``. None: nothing for Tune."""
+    if METRIC not in report and not report.get("done"):
+        return None
+    first = {k: v for k, v in report.items() if k != "step_metrics"}  # per-step rows go to MLflow only
+    if "done" in first:
+        first["train_done"] = bool(first.pop("done"))
+    if not first.get("train_done"):
+        # ASHA's clock. The final report carries none, so ASHA never stops a trial on it: a rung at
+        # the last step would otherwise kill the trial before it exports its adapter.
+        first[ASHA_TIME] = first.get("step")
+    return first
+
+
 def _report_to_tune():
-    """Forwards Train's evaluation reports (and its final one) to Tune: ASHA needs only those, and
-    every result Tune takes holds up the Train controller, so per-step reports stay out of Tune
-    (they still reach MLflow). Train's final report says ``done``, which Tune would take as its
-    own stop signal and tear the trial down while Train is still saving: it becomes ``train_done``."""
+    """A Ray Train callback that forwards :func:`tune_result` of each report to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ReportToTune(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if not metrics or (METRIC not in metrics[0] and not metrics[0].get("done")):
-                return
-            first = {k: v for k, v in metrics[0].items() if k != "step_metrics"}  # per-step rows go to MLflow only
-            if "done" in first:
-                first["train_done"] = bool(first.pop("done"))
-            if not first.get("train_done"):
-                # ASHA's clock. The final report carries none, so ASHA never stops a trial on it: a
-                # rung at the last step would otherwise kill the trial before it exports its adapter.
-                first[ASHA_TIME] = first.get("step")
-            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+            first = tune_result(metrics[0]) if metrics else None
+            if first is not None:
+                super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return ReportToTune()
 
 
+class _ReportHere:
+    """The same for a trial that trains in its own process: :func:`tune_result` to ``tune.report``."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from ray import tune
+
+        first = tune_result(metrics[0]) if metrics else None
+        if first is not None:
+            if checkpoint is not None:
+                first["checkpoint_path"] = checkpoint.path  # as Train's callback adds it
+            tune.report(first)
+
+
 def run_trial(config: dict, setup: dict) -> None:
-    """The Tune trainable: base options + the trial's config -> TrainOptions -> one Ray Train run,
-    then its outputs (adapter, metrics.json, loss curve) in ``<out>/trials/<trial id>``.
+    """The Tune trainable: base options + the trial's config -> TrainOptions -> one Ray Train run
+    (or the loop here, ``setup["in_process"]``), then its outputs (adapter, metrics.json, loss curve) in ``<out>/trials/<trial id>``.
 
     The trial's MLflow run (a child of the search's run) is created once and its id kept in the
     trial's folder, so a trial restored by --resume goes on logging into the same run, and its
@@ -83,8 +106,10 @@ def run_trial(config: dict, setup: dict) -> None:
         run_id = create_mlflow_run(opts, opts.tracking_uri, plan)
         write_json(run_file, {"mlflow_run_id": run_id, "tracking_uri": opts.tracking_uri, "trial_id": trial_id,
                                "artifact": opts.artifact})
-    trainer = build_trainer(opts, name=trial_id, storage_path=setup["train_storage"], callbacks=[_report_to_tune()],
-                            mlflow_run_id=run_id, plan=plan, artifact=artifact)
+    in_process = bool(setup.get("in_process"))
+    trainer = build_trainer(opts, name=trial_id, storage_path=setup["train_storage"],
+                            callbacks=[_ReportHere() if in_process else _report_to_tune()],
+                            mlflow_run_id=run_id, plan=plan, artifact=artifact, in_process=in_process)
     try:
         with train_environment(opts):
             result = trainer.fit()

@@ -110,8 +110,13 @@ def create_mlflow_run(opts: TrainOptions, tracking_uri: str, plan: RunPlan | Non
 
 def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks=(), mlflow_run_id: str | None = None,
                   plan: RunPlan | None = None, resources: WorkerResources | None = None,
-                  artifact: InitArtifact | None = None, decision: TrainDecision | None = None):
+                  artifact: InitArtifact | None = None, decision: TrainDecision | None = None,
+                  in_process: bool = False):
     """The Ray Train ``TorchTrainer`` of one run. Ray must be initialised.
+
+    ``in_process``: a :class:`LocalTrainer` instead, whose ``fit()`` runs the same loop in this
+    process (one CPU worker only; :mod:`loraga_ray.training.local`), its checkpoints under
+    ``storage_path/name``. A search's single-worker CPU trials use it.
 
     Reports (every worker reports the same dict; Ray keeps rank 0's): ``step``, ``train_loss``
     (mean over the steps since the previous report), ``lr``, ``grad_norm``, ``epoch``, and
@@ -129,7 +134,6 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
     set); its id is ``trainer.mlflow_run_id``.
     """
     import ray
-    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -170,9 +174,14 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
     all_callbacks = list(callbacks)
     if mlflow_run_id is not None:
         all_callbacks.append(tracking.MlflowReportCallback(opts.tracking_uri, mlflow_run_id))
-    ctx_opts = ray.data.DataContext.get_current().execution_options
-    ingest = ExecutionOptions(preserve_order=True, resource_limits=ctx_opts.resource_limits,
-                              exclude_resources=ctx_opts.exclude_resources)
+    ingest = ingest_options()
+    if in_process:
+        if opts.workers != 1 or resources.cuda:
+            raise ValueError(f"build_trainer(in_process=True) runs one CPU worker; this run has {opts.workers} "
+                             f"worker(s){' on CUDA' if resources.cuda else ''}: leave in_process off.")
+        trainer = LocalTrainer(config, build_datasets(opts, plan), Path(storage_path) / name, all_callbacks, ingest)
+        trainer.mlflow_run_id = mlflow_run_id
+        return trainer
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -193,6 +202,32 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
     )
     trainer.mlflow_run_id = mlflow_run_id
     return trainer
+
+
+def ingest_options():
+    """Ray Data's options for a run's streams: the order preserved (the run's fixed example order),
+    the rest as the current context has it."""
+    import copy
+
+    import ray.data
+
+    ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    ingest.preserve_order = True
+    return ingest
+
+
+class LocalTrainer:
+    """A one-CPU-worker run in this process, with a TorchTrainer's ``fit()``: see
+    :mod:`loraga_ray.training.local`."""
+
+    def __init__(self, config: dict, datasets: dict, folder: Path, callbacks, ingest):
+        self.config, self.datasets, self.folder, self.callbacks, self.ingest = config, datasets, folder, callbacks, ingest
+        self.mlflow_run_id = None
+
+    def fit(self):
+        from ..training.local import run_local
+
+        return run_local(self.config, self.datasets, self.folder, self.callbacks, self.ingest)
 
 
 def needs_estimate_sample(opts: TrainOptions) -> bool:

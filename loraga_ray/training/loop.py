@@ -134,22 +134,77 @@ def param_groups(named, opts: TrainOptions, heads) -> list[dict]:
     return groups
 
 
+class Session:
+    """What the loop needs from whatever runs it: its rank, its device, its data, its last
+    checkpoint, and where its reports go. :class:`RayTrainSession` is a Ray Train worker's;
+    :class:`loraga_ray.training.local.LocalSession` runs a single-worker CPU run in the calling
+    process (a search's trials, without a Train controller and worker to start per trial)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def device(self, cuda: bool) -> torch.device:
+        raise NotImplementedError
+
+    def checkpoint(self):
+        """The latest checkpoint (``.as_directory()``) to resume from, or None."""
+        raise NotImplementedError
+
+    def dataset(self, name: str):
+        """The named data stream (``.iter_batches(...)``)."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Hand on a report, with the checkpoint written into ``checkpoint_dir`` (None: none); the
+        folder is removed after this returns."""
+        raise NotImplementedError
+
+
+class RayTrainSession(Session):
+    """The loop inside a Ray Train worker: ``ray.train``'s context, shards, checkpoints and reports."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, cuda: bool) -> torch.device:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device() if cuda else torch.device("cpu")
+        return device[0] if isinstance(device, list) else device
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
+
+
 class WorkerRun:
     """The state of one worker's run: model, optimizer, where it resumed, what it reported."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, session: "Session | None" = None):
         import ray
-        import ray.train
-        import ray.train.torch
 
         from ..models import load_tokenizer
 
+        self.session = session = session or RayTrainSession()
         self.config, self.opts = config, TrainOptions(**config["options"])
         self.task, self.total = config["task"], config["total_steps"]
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        device = ray.train.torch.get_device() if config["cuda"] else torch.device("cpu")
-        self.device = device[0] if isinstance(device, list) else device
+        self.rank, self.world = session.rank, session.world
+        self.device = session.device(config["cuda"])
         if self.device.type == "cpu":
             # as many compute threads as the worker reserved CPUs: torch's default (every core) makes
             # workers (or trials) that share a machine spin against each other
@@ -164,7 +219,7 @@ class WorkerRun:
         self.label_names = config.get("label_names")
         model = build_model(self.opts, config["spec"], self.task, config["num_labels"], artifact, dtype=self.dtype,
                             label_names=self.label_names, device=None if self.sharded else self.device,
-                            restarting=ray.train.get_checkpoint() is not None,
+                            restarting=session.checkpoint() is not None,
                             report=say if self.rank == 0 else None,
                             estimate_sample=ray.get(config["estimate_sample_ref"])
                             if config.get("estimate_sample_ref") is not None else None)
@@ -183,10 +238,8 @@ class WorkerRun:
         self.on_progress = None  # called for progress other than a finished step (the watchdog's beat)
 
     def resume(self) -> None:
-        """Continue from Ray Train's latest checkpoint, if there is one."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
+        """Continue from the run's latest checkpoint, if there is one."""
+        checkpoint = self.session.checkpoint()
         if checkpoint is None:
             return
         with checkpoint.as_directory() as d:
@@ -199,9 +252,7 @@ class WorkerRun:
     def batches(self):
         """(step, raw batch) of the steps still to run: the run's fixed stream, with the steps
         consumed before the checkpoint skipped."""
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
+        shard = self.session.dataset("train")
         for i, raw in enumerate(shard.iter_batches(batch_size=self.per_worker, batch_format="numpy", prefetch_batches=1)):
             step = i + 1
             if step > self.total:
@@ -257,14 +308,12 @@ class WorkerRun:
 
     def evaluate(self) -> dict:
         """Eval metrics; each worker evaluates every world-th batch of the eval rows."""
-        import ray.train
-
         from ..data import Encoder, collate
 
         if self.eval_batches is None:
             self.eval_batches = []
             encoder = Encoder(self.tokenizer, self.task, max_length=self.opts.max_length)
-            rows = ray.train.get_dataset_shard("eval").iter_batches(batch_size=max(self.per_worker, 8), batch_format="numpy")
+            rows = self.session.dataset("eval").iter_batches(batch_size=max(self.per_worker, 8), batch_format="numpy")
             for j, eraw in enumerate(rows):
                 if j % self.world == self.rank:
                     batch = collate(encoder(eraw), self.tokenizer.pad_token_id, self.task)
@@ -292,9 +341,6 @@ class WorkerRun:
     def report(self, metrics: dict, checkpoint_now: bool) -> None:
         """Report the steps since the last report (their mean train loss, and each step's row);
         with a checkpoint (rank 0 writes it, and at the end the deliverable) when due."""
-        import ray.train
-        from ray.train import Checkpoint
-
         step, done = metrics["step"], bool(metrics.get("done"))
         window = self.history[len(self.history) - (step - self.last_reported_step):]
         report = dict(metrics, train_loss=float(np.mean([h["train_loss"] for h in window])), step_metrics=window)
@@ -310,7 +356,7 @@ class WorkerRun:
             write_deliverable(tmp, self.model, self.opts.init, self.tokenizer, rank=self.rank,  # gathers under FSDP
                               label_names=self.label_names)
         try:
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)) if tmp else None)
+            self.session.report(report, tmp)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -320,7 +366,12 @@ class WorkerRun:
 def train_loop_per_worker(config: dict) -> None:
     """``train_loop_per_worker`` of the TorchTrainer (see :func:`loraga_ray.jobs.train.build_trainer`
     for ``config``)."""
-    run = WorkerRun(config)
+    run_loop(config, RayTrainSession())
+
+
+def run_loop(config: dict, session: "Session") -> None:
+    """The whole loop of one worker: build, resume, train, evaluate, report, under the watchdog."""
+    run = WorkerRun(config, session)
     run.resume()
     watchdog = StepWatchdog(run.opts.stall_timeout, run.rank)
     run.on_progress = watchdog.beat
