@@ -402,3 +402,36 @@ def test_demo_arithmetic_with_smollm2_tokenizer(smollm2_tokenizer):
         assert smollm2_tokenizer.decode(target[:-1]) == row["response"]
     batch = collate(encoded, smollm2_tokenizer.pad_token_id, "causal-lm")
     assert supervised_count(batch, "causal-lm") == sum(int((l != -100).sum()) for l in encoded["labels"])
+
+
+def test_evaluation_grouped_by_length_gives_the_same_metrics(tiny_bert_dir):
+    """Evaluation batches regrouped shortest-first hold every example once, pad far less, and
+    give the loss and accuracy of the batches in their first order (sums over examples)."""
+    import contextlib
+
+    from loraga_ray.data import group_by_length
+    from loraga_ray.models import load_model, load_tokenizer, resolve_model
+    from loraga_ray.training.evaluate import evaluate
+
+    spec = resolve_model(str(tiny_bert_dir))
+    tok = load_tokenizer(spec)
+    model = load_model(str(tiny_bert_dir), task="seq-cls")
+    rng = np.random.default_rng(0)
+    words = ["a", "film", "great", "dull", "of", "the", "moving", "story", "weak", "plot", "and"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 30)))) for _ in range(45)]
+    labels = rng.integers(0, 2, size=45)
+    enc = Encoder(tok, "seq-cls", max_length=32)
+    raw = [{"text": np.array(texts[i:i + 8], dtype=object), "label": labels[i:i + 8]} for i in range(0, 45, 8)]
+    encoded = [enc(r) for r in raw]
+    grouped = group_by_length(encoded, 8)
+    assert [len(b["input_ids"]) for b in grouped] == [8, 8, 8, 8, 8, 5]
+    lengths = [len(x) for b in grouped for x in b["input_ids"]]
+    assert lengths == sorted(lengths)
+    pairs = sorted((tuple(x), int(y)) for b in grouped for x, y in zip(b["input_ids"], b["labels"]))
+    assert pairs == sorted((tuple(x), int(y)) for e in encoded for x, y in zip(e["input_ids"], e["labels"]))
+    plain = [(collate(e, tok.pad_token_id, "seq-cls"), []) for e in encoded]
+    regrouped = [(collate(b, tok.pad_token_id, "seq-cls"), []) for b in grouped]
+    assert sum(b["input_ids"].numel() for b, _ in regrouped) < 0.8 * sum(b["input_ids"].numel() for b, _ in plain)
+    args = ("seq-cls", torch.device("cpu"), contextlib.nullcontext, tok, 1)
+    a, b = evaluate(model, plain, *args), evaluate(model, regrouped, *args)
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5) and b["eval_accuracy"] == a["eval_accuracy"]

@@ -54,7 +54,7 @@ def load_finished(model: str, run_out: str | Path, *, num_labels: int = 2, seed:
 def evaluate_split(model, spec, data: str, split: str = "test", *, max_length: int = 128, batch_size: int = 32,
                    limit: int | None = None, seed: int = 0) -> dict:
     """Loss and accuracy (seq-cls) or exact match (causal-lm, greedy) on ``split`` of ``data``."""
-    from ..data import Encoder, iter_batches, load_split, sample_table
+    from ..data import Encoder, collate, group_by_length, iter_batches, load_split, sample_table
     from ..models import load_tokenizer
 
     table = load_split(data, split)
@@ -67,8 +67,12 @@ def evaluate_split(model, spec, data: str, split: str = "test", *, max_length: i
     tok = load_tokenizer(spec)
     enc = Encoder(tok, spec.task, max_length=max_length)
     responses = table.column("response").to_pylist() if "response" in table.column_names else [None] * table.num_rows
-    batches = [(b, responses[i * batch_size:(i + 1) * batch_size])
-               for i, b in enumerate(iter_batches(table, enc, batch_size, tok.pad_token_id, spec.task))]
+    if spec.task == "seq-cls":  # batches of alike lengths pad far less; the metrics are sums over examples
+        whole = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        batches = [(collate(b, tok.pad_token_id, spec.task), []) for b in group_by_length([enc(whole)], batch_size)]
+    else:
+        batches = [(b, responses[i * batch_size:(i + 1) * batch_size])
+                   for i, b in enumerate(iter_batches(table, enc, batch_size, tok.pad_token_id, spec.task))]
     metrics = evaluate(model, batches, spec.task, torch.device("cpu"), contextlib.nullcontext, tok, 1)
     out = {k.replace("eval_", f"{split}_"): v for k, v in metrics.items()}
     out[f"{split}_examples"] = table.num_rows

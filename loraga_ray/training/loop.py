@@ -308,15 +308,19 @@ class WorkerRun:
 
     def evaluate(self) -> dict:
         """Eval metrics; each worker evaluates every world-th batch of the eval rows."""
-        from ..data import Encoder, collate
+        from ..data import Encoder, collate, group_by_length
 
         if self.eval_batches is None:
             self.eval_batches = []
             encoder = Encoder(self.tokenizer, self.task, max_length=self.opts.max_length)
-            rows = self.session.dataset("eval").iter_batches(batch_size=max(self.per_worker, 8), batch_format="numpy")
+            size = max(self.per_worker, 8)
+            rows = self.session.dataset("eval").iter_batches(batch_size=size, batch_format="numpy")
+            if self.task == "seq-cls":  # batches of alike lengths pad far less
+                rows = group_by_length([encoder(eraw) for eraw in rows], size)
             for j, eraw in enumerate(rows):
                 if j % self.world == self.rank:
-                    batch = collate(encoder(eraw), self.tokenizer.pad_token_id, self.task)
+                    encoded = eraw if self.task == "seq-cls" else encoder(eraw)
+                    batch = collate(encoded, self.tokenizer.pad_token_id, self.task)
                     self.eval_batches.append((batch, list(eraw.get("response", []))))
         return evaluate(self.model, self.eval_batches, self.task, self.device, self.autocast, self.tokenizer, self.world,
                         on_batch=self.on_progress, lockstep=self.sharded)
