@@ -5,8 +5,10 @@ The gradient estimate is the expensive part of LoRA-GA and does not depend on th
 gamma, direction, scale or learning rate. So the search runs the init pipeline once, with
 k = 2 x the largest rank in the space, saves the artifact under ``<out>/init`` and every lora-ga (or lora-one)
 trial applies that artifact (``TrainOptions.artifact``). Each trial is a Ray Train run
-(:func:`loraga_ray.jobs.train.build_trainer`) driven from a Tune function; ASHA stops poor trials
-early on ``eval_loss``.
+(:func:`loraga_ray.jobs.train.build_trainer`) driven from a Tune function, or, for a trial of one
+CPU worker (``--trial-runner auto``, the default), the same training loop inside that function
+(:mod:`loraga_ray.training.local`: no Train controller and worker to start per trial); ASHA stops
+poor trials early on ``eval_loss``.
 
 Output folder::
 
@@ -14,7 +16,8 @@ Output folder::
     <out>/estimates.jsonl    one line per gradient estimate this search ran (1, or 0 with --artifact)
     <out>/init/              the shared init artifact
     <out>/<name>/            the Ray Tune experiment (Tuner.restore / --resume read it)
-    <out>/train/             the Ray Train runs of the trials; <out>/trials/<trial id>/ their outputs
+    <out>/train/             the trials' checkpoints (Ray Train runs, or checkpoint_<step> of in-process
+                             trials); <out>/trials/<trial id>/ their outputs
     <out>/trials.csv, trials.md, best.json, eval_loss.png   the results
     <out>/mlflow.db          the MLflow store (unless --tracking-uri): a parent run, one child per trial
 """
