@@ -418,7 +418,8 @@ class SearchOptions:
     resume: bool = opt(False, "continue the interrupted search in --out (its saved options are used)")
     overwrite: bool = opt(False, "replace the search already in --out (kept, moved aside, until the new search ends "
                                  "well; one that fails puts it back)")
-    trial_cpus: float = opt(0.1, "logical CPUs the Tune trial function itself reserves")
+    trial_cpus: float = opt(0.1, "logical CPUs the Tune trial function itself reserves (an in-process trial also "
+                                 "reserves its worker's --cpus-per-worker)")
     trial_runner: str = opt("auto", "how each trial trains: 'ray-train' (a Ray Train run per trial), 'in-process' (the "
                                     "training loop inside the Tune trial: one CPU worker only, no Train controller and "
                                     "worker to start per trial) or 'auto' (in-process for --workers 1 on CPU)",

@@ -178,7 +178,8 @@ def interrupt_once(marker: Path):
     return Interrupt()
 
 
-def test_search_one_estimate_mlflow_results_resume(ray_session, tiny_model, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("runner", ["auto", "ray-train"])  # auto: in-process trials (one CPU worker)
+def test_search_one_estimate_mlflow_results_resume(ray_session, tiny_model, tiny_data, tmp_path, monkeypatch, runner):
     from mlflow.tracking import MlflowClient
 
     from loraga_ray.jobs import init as init_job
@@ -196,7 +197,7 @@ def test_search_one_estimate_mlflow_results_resume(ray_session, tiny_model, tiny
     space = write_space(tmp_path, "# two ranks, one lr\nrank: {grid: [2, 4]}\nlr: 1.0e-3\n")
     base = base_options(tiny_model, tiny_data, out)
     marker = tmp_path / "interrupted"
-    first = search(base, SearchOptions(space=str(space), max_concurrent=1, grace_period=4),
+    first = search(base, SearchOptions(space=str(space), max_concurrent=1, grace_period=4, trial_runner=runner),
                    callbacks=[interrupt_once(marker)])
     assert marker.exists() and first.interrupted
     assert [r["status"] for r in first.rows].count("completed") == 1
@@ -321,7 +322,9 @@ def test_in_process_trials_are_the_ray_train_trials(ray_session, tiny_model, tin
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for child in children:
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == [1, 2, 3, 4]
-    assert json.loads((local_res.out / "search.json").read_text())["search"]["trial_runner"] == "auto"
+    # auto is saved as what it picked: a resumed search keeps its trials' runner (and their checkpoints)
+    assert json.loads((local_res.out / "search.json").read_text())["search"]["trial_runner"] == "in-process"
+    assert json.loads((train_res.out / "search.json").read_text())["search"]["trial_runner"] == "ray-train"
 
 
 def test_in_process_trial_killed_from_outside_resumes_from_its_checkpoint(ray_session, tiny_model, tiny_data,
@@ -365,6 +368,11 @@ def test_in_process_trial_killed_from_outside_resumes_from_its_checkpoint(ray_se
     (h_kill, a_kill, trial_id), = _trial_results(res).values()
     assert max(float((a_plain[k] - a_kill[k]).abs().max()) for k in a_plain) <= 1e-6
     assert [h["step"] for h in h_kill] == list(range(1, 41))
+    # it resumed (the training clock starts again at the resumed step), not started over: a rerun
+    # from step 0 would give the same numbers
+    clock = [h["elapsed_s"] for h in h_kill]
+    restarts = [h_kill[i]["step"] for i in range(1, 40) if clock[i] < clock[i - 1]]
+    assert len(restarts) == 1 and restarts[0] > 8, clock
     assert h_kill[-1]["eval_loss"] == pytest.approx(h_plain[-1]["eval_loss"], abs=1e-6)
     run_id = json.loads((out / "trials" / trial_id / "mlflow_run.json").read_text())["mlflow_run_id"]
     steps = sorted(m.step for m in MlflowClient(tracking_uri=res.tracking_uri).get_metric_history(run_id, "train_loss"))
@@ -380,3 +388,32 @@ def test_trial_runner_mistakes(tiny_model, tiny_data, tmp_path):
     with pytest.raises(SearchError, match=r"--trial-runner must be one of auto, ray-train, in-process"):
         search(base, SearchOptions(space=str(space), trial_runner="threads"))
     assert not (tmp_path / "s").exists()
+
+
+def test_a_trial_stopped_inside_its_report_keeps_its_checkpoint_and_metrics(tmp_path):
+    """Tune stops a trial (ASHA) by raising SystemExit inside ``tune.report``: the in-process
+    session's callbacks before it (MLflow) still got the report, and the report's checkpoint is
+    committed whole (no unfinished copy is left)."""
+    from loraga_ray.training.local import LocalSession
+
+    got = []
+
+    class Record:
+        def after_report(self, run_context, metrics, checkpoint):
+            got.append((metrics[0]["step"], checkpoint.path if checkpoint else None))
+
+    class Stop:
+        def after_report(self, run_context, metrics, checkpoint):
+            raise SystemExit(0)
+
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "state.json").write_text("{}")
+    session = LocalSession({}, tmp_path / "trial", callbacks=[Record(), Stop()])
+    with pytest.raises(SystemExit):
+        session.report({"step": 6, "eval_loss": 0.5}, made)
+    dest = tmp_path / "trial" / "checkpoint_00000006"
+    assert got == [(6, str(dest))] and (dest / "state.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["checkpoint_00000006"]
+    assert session.checkpoint().path == str(dest)
+    assert LocalSession({}, tmp_path / "trial").checkpoint().path == str(dest)  # a restart resumes from it

@@ -1,4 +1,5 @@
-"""``loraga-ray tune``: a Ray Tune search over Ray Train trials from one shared gradient estimate."""
+"""``loraga-ray tune``: a Ray Tune search from one shared gradient estimate, each trial a Ray Train
+run or, for one CPU worker, the same loop in the trial's process (``--trial-runner``)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
   sample, tokenise, stream) and ``gradient_worker`` (the actors and their stream);
 * ``train`` (``loraga-ray train``: one Ray Train run), with ``run_plan`` (data, length, checks)
   and ``run_folder`` (the output folder, resume, export);
-* ``search`` (``loraga-ray tune``: Ray Tune over Ray Train trials, one shared estimate), with
+* ``search`` (``loraga-ray tune``: Ray Tune over Ray Train trials, or for one CPU worker the same
+  loop inside each trial, one shared estimate), with ``search_trial`` (one trial) and
   ``search_results`` (tables, best trial);
 * ``demo`` (``loraga-ray demo``).
 """

@@ -170,6 +170,7 @@ def check_cluster(base: TrainOptions, sopts: SearchOptions, plan, estimate: bool
     from .train import plan_train_workers
 
     plan_train_workers(base)
+    trials_in_process(base, sopts)  # --trial-runner in-process on a GPU trial: refused before anything is written
     cpus = float(ray.cluster_resources().get("CPU", 0))
     need = sopts.max_concurrent * base.workers * base.cpus_per_worker + 1
     if need > cpus + 1e-9:
@@ -402,6 +403,8 @@ def _search(base: TrainOptions | None, sopts: SearchOptions, out: Path, callback
 
     tracking_uri = _open_store_and_cluster(base, sopts, plan, estimate, out)
     base = dataclasses.replace(base, tracking_uri=tracking_uri)
+    # auto resolved once, and saved so: a resumed search's trials keep their runner (and checkpoints)
+    sopts = dataclasses.replace(sopts, trial_runner="in-process" if trials_in_process(base, sopts) else "ray-train")
     state = _save_state(out, base, sopts, space, state, tracking_uri)
     parent_run_id = state["parent_run_id"]
 
@@ -473,7 +476,7 @@ def _run_tuner(base, sopts, space, out, artifact: SharedArtifact | None, parent_
         "train_storage": str(out / TRAIN_DIR),
         "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")},
     }
-    setup["in_process"] = in_process = trials_in_process(base, sopts)
+    setup["in_process"] = in_process = sopts.trial_runner == "in-process"  # resolved in _search
     # an in-process trial holds its worker's CPUs itself (a Ray Train trial's worker reserves them)
     trial_cpus = sopts.trial_cpus + (base.cpus_per_worker if in_process else 0.0)
     log.info("trials train %s", "in their Tune trial's process (one CPU worker each; --trial-runner)" if in_process

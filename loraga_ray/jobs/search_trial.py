@@ -67,8 +67,9 @@ def run_trial(config: dict, setup: dict) -> None:
     (or the loop here, ``setup["in_process"]``), then its outputs (adapter, metrics.json, loss curve) in ``<out>/trials/<trial id>``.
 
     The trial's MLflow run (a child of the search's run) is created once and its id kept in the
-    trial's folder, so a trial restored by --resume goes on logging into the same run, and its
-    Ray Train run (named after the trial) resumes from its last checkpoint."""
+    trial's folder, so a trial restored by --resume goes on logging into the same run, and it
+    resumes from its last checkpoint (its Ray Train run, named after the trial, or the in-process
+    checkpoints under the same name)."""
     import time
 
     from ray import tune
@@ -113,6 +114,8 @@ def run_trial(config: dict, setup: dict) -> None:
     try:
         with train_environment(opts):
             result = trainer.fit()
+    except SystemExit:  # Tune stopped the trial (ASHA) inside its report: no failure; close_trial_runs marks it KILLED
+        raise
     except BaseException:
         with contextlib.suppress(Exception):
             tracking.set_status(opts.tracking_uri, run_id, "FAILED")

@@ -179,7 +179,9 @@ def build_trainer(opts: TrainOptions, *, name: str, storage_path: str, callbacks
         if opts.workers != 1 or resources.cuda:
             raise ValueError(f"build_trainer(in_process=True) runs one CPU worker; this run has {opts.workers} "
                              f"worker(s){' on CUDA' if resources.cuda else ''}: leave in_process off.")
-        trainer = LocalTrainer(config, build_datasets(opts, plan), Path(storage_path) / name, all_callbacks, ingest)
+        # MLflow before the caller's callbacks: Tune's stop of a trial (ASHA) ends it inside its report
+        ordered = all_callbacks[len(callbacks):] + list(callbacks)
+        trainer = LocalTrainer(config, build_datasets(opts, plan), Path(storage_path) / name, ordered, ingest)
         trainer.mlflow_run_id = mlflow_run_id
         return trainer
     trainer = TorchTrainer(

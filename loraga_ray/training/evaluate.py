@@ -67,7 +67,7 @@ def evaluate_split(model, spec, data: str, split: str = "test", *, max_length: i
     tok = load_tokenizer(spec)
     enc = Encoder(tok, spec.task, max_length=max_length)
     responses = table.column("response").to_pylist() if "response" in table.column_names else [None] * table.num_rows
-    if spec.task == "seq-cls":  # batches of alike lengths pad far less; the metrics are sums over examples
+    if spec.task == "seq-cls" and table.num_rows:  # batches of alike lengths pad far less; metrics are sums over examples
         whole = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         batches = [(collate(b, tok.pad_token_id, spec.task), []) for b in group_by_length([enc(whole)], batch_size)]
     else:

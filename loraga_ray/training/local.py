@@ -95,16 +95,20 @@ class LocalSession(Session):
         # The report is handed on before its checkpoint counts: a process lost in between resumes
         # from the previous checkpoint and runs those steps again (MLflow logs each step once), where
         # the other order would lose the steps since the last report from MLflow.
+        # Callbacks run in their order; a Tune stop (ASHA) raises SystemExit inside tune.report, so
+        # the Tune callback comes last (build_trainer) and the checkpoint is committed all the same.
         self.last_metrics = metrics
-        for callback in self.callbacks:
-            callback.after_report(None, [metrics], checkpoint)
-        if tmp is not None:
-            if dest.exists():  # the same step written again by a run that resumed before it: ours
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)  # a checkpoint is whole or absent
-            self.latest = checkpoint
-            for _, old in _checkpoints(self.folder)[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            for callback in self.callbacks:
+                callback.after_report(None, [metrics], checkpoint)
+        finally:
+            if tmp is not None:
+                if dest.exists():  # the same step written again by a run that resumed before it: ours
+                    shutil.rmtree(dest)
+                os.replace(tmp, dest)  # a checkpoint is whole or absent
+                self.latest = checkpoint
+                for _, old in _checkpoints(self.folder)[:-KEEP_CHECKPOINTS]:
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_local(config: dict, datasets: dict, folder: str | os.PathLike, callbacks=(), execution_options=None) -> LocalResult:

@@ -1,12 +1,14 @@
-"""The training loop of one Ray Train worker (``train_loop_per_worker`` of the TorchTrainer).
+"""The training loop of one Ray Train worker (``train_loop_per_worker`` of the TorchTrainer), or of
+a single-worker CPU trial in its own process (:mod:`loraga_ray.training.local`): the loop sees
+only a :class:`Session`.
 
 The model is held as :mod:`loraga_ray.training.strategy` says (DDP or FSDP2, the base in
 ``--dtype``, optional activation checkpointing). Per step: the learning rate of the schedule
 (linear warm-up, cosine decay), forward and backward under autocast in the base's dtype,
 gradient clipping, AdamW on float32 master copies; evaluation every ``eval_every`` steps
 and at the end; a checkpoint every ``checkpoint_every`` steps (default: at evaluations) and at
-the end, where rank 0 also writes the deliverable into the checkpoint. Reports to Ray Train are
-batched (see :meth:`WorkerRun.report_due`)."""
+the end, where rank 0 also writes the deliverable into the checkpoint. Reports (to Ray Train, or
+the in-process session's callbacks) are batched (see :meth:`WorkerRun.report_due`)."""
 
 from __future__ import annotations
 
@@ -107,8 +109,8 @@ class StepWatchdog:
             if time.monotonic() > self.deadline:
                 say(f"worker rank {self.rank} finished no step for {self.timeout:g}s after step {self.step} "
                     "(--stall-timeout): it is stuck (a hung device, a data stream that never delivers, or a "
-                    "collective waiting for a lost rank). Ending this worker so that Ray Train restarts the group "
-                    "from the last checkpoint (--max-failures) or ends the run.")
+                    "collective waiting for a lost rank). Ending this worker so that Ray Train (or, for an "
+                    "in-process trial, Tune) restarts it from the last checkpoint (--max-failures) or ends the run.")
                 sys.stderr.flush()
                 os._exit(STALLED_EXIT_CODE)
 
