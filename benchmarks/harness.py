@@ -64,7 +64,12 @@ def run_interleaved(script: str, argv: Sequence[str], flag: str, values: Iterabl
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{flag} {v} failed")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            # the last JSON line: Ray may still print its workers' lines after it
+            line = next((x for x in reversed(proc.stdout.strip().splitlines()) if x.startswith("{")), None)
+            if line is None:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{flag} {v} printed no result line")
+            row = json.loads(line)
             row["repeat"] = rep
             rows.append(row)
             print(f"[{rep + 1}/{repeats}] {flag} {v}: {describe(row)}", flush=True)
